@@ -1,0 +1,142 @@
+"""The event contract: every intent and event type, its subject and its payload model.
+
+`MESSAGES` is the single registry: the bus validates payloads against it, the API generates its
+AsyncAPI document from it, and a test checks that nothing is published outside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from libs.common.contract.base import WireModel
+from libs.common.contract.cluster import (
+    ClusterDeleted,
+    ClusterStatusChanged,
+    DeleteCluster,
+    ReconcileCluster,
+)
+from libs.common.contract.envelope import Envelope
+
+INTENTS_STREAM = "NEST_INTENTS"
+EVENTS_STREAM = "NEST_EVENTS"
+DLQ_STREAM = "NEST_DLQ"
+
+
+def intent_subject(service: str, verb: str) -> str:
+    return f"nest.intent.{service}.{verb}"
+
+
+def event_subject(domain: str, name: str) -> str:
+    return f"nest.event.{domain}.{name}"
+
+
+def rpc_subject(service: str, method: str) -> str:
+    return f"nest.rpc.{service}.{method}"
+
+
+def heartbeat_subject(service: str, instance: str) -> str:
+    return f"nest.heartbeat.{service}.{instance}"
+
+
+def dlq_subject(service: str) -> str:
+    return f"nest.dlq.{service}"
+
+
+@dataclass(frozen=True)
+class MessageType:
+    """One entry of the contract."""
+
+    type: str
+    subject: str
+    kind: Literal["intent", "event"]
+    payload: type[WireModel]
+    summary: str
+
+
+MESSAGES: tuple[MessageType, ...] = (
+    MessageType(
+        type="io.nest.cluster.reconcile.v1",
+        subject=intent_subject("provisioner", "reconcile"),
+        kind="intent",
+        payload=ReconcileCluster,
+        summary="Bring a hosted control plane to the desired spec and generation.",
+    ),
+    MessageType(
+        type="io.nest.cluster.delete.v1",
+        subject=intent_subject("provisioner", "delete"),
+        kind="intent",
+        payload=DeleteCluster,
+        summary="Remove everything Nest created for a cluster.",
+    ),
+    MessageType(
+        type="io.nest.cluster.status_changed.v1",
+        subject=event_subject("cluster", "status_changed"),
+        kind="event",
+        payload=ClusterStatusChanged,
+        summary="The observed status of a cluster changed.",
+    ),
+    MessageType(
+        type="io.nest.cluster.deleted.v1",
+        subject=event_subject("cluster", "deleted"),
+        kind="event",
+        payload=ClusterDeleted,
+        summary="A cluster and everything Nest created for it are gone.",
+    ),
+)
+
+BY_TYPE: dict[str, MessageType] = {m.type: m for m in MESSAGES}
+BY_PAYLOAD: dict[type[BaseModel], MessageType] = {m.payload: m for m in MESSAGES}
+
+
+class UnknownMessageType(ValueError):
+    """An envelope whose type is not part of the contract."""
+
+
+def envelope_for(
+    payload: WireModel,
+    *,
+    source: str,
+    subject: str | None = None,
+    correlation_id: str | None = None,
+) -> tuple[str, Envelope]:
+    """Wrap a payload in its envelope and return it with the NATS subject it goes to."""
+    entry = BY_PAYLOAD.get(type(payload))
+    if entry is None:
+        raise UnknownMessageType(f"{type(payload).__name__} is not part of the event contract")
+    envelope = Envelope(
+        source=f"/nest/{source}",
+        type=entry.type,
+        subject=subject,
+        correlationid=correlation_id,
+        data=payload.wire(),
+    )
+    return entry.subject, envelope
+
+
+def parse_payload(envelope: Envelope) -> Any:
+    """The typed payload of an envelope; raises UnknownMessageType or pydantic.ValidationError."""
+    entry = BY_TYPE.get(envelope.type)
+    if entry is None:
+        raise UnknownMessageType(f"unknown event type {envelope.type!r}")
+    return entry.payload.model_validate(envelope.data)
+
+
+__all__ = [
+    "DLQ_STREAM",
+    "EVENTS_STREAM",
+    "INTENTS_STREAM",
+    "MESSAGES",
+    "Envelope",
+    "MessageType",
+    "UnknownMessageType",
+    "dlq_subject",
+    "envelope_for",
+    "event_subject",
+    "heartbeat_subject",
+    "intent_subject",
+    "parse_payload",
+    "rpc_subject",
+]

@@ -1,0 +1,126 @@
+"""Nest's settings: environment variables with the NEST_ prefix (and a .env file).
+
+The names are part of the operating contract (DESIGN.md); keep them stable. A bad value stops
+start-up with a message that names the variable (`load_settings`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".nest"
+
+
+def _min_token_length(value: str | None) -> str | None:
+    if value is not None and len(value) < 32:
+        raise ValueError("must be at least 32 characters")
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of every Nest service. Unset values take the embedded defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NEST_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    """Everything the embedded default stores: the SQLite DB, the NATS store, backups."""
+
+    database_url: str | None = None
+    """The Foundry DB (SQLAlchemy async URL); unset: SQLite in the data dir."""
+
+    nats_url: str | None = None
+    """The NATS servers (comma separated); unset: an embedded nats-server is started."""
+
+    api_host: str = "127.0.0.1"
+    """Where the API listens."""
+
+    api_port: int = Field(default=8080, ge=1, le=65535)
+    """The API's TCP port."""
+
+    kubeconfig: Path | None = None
+    """The management cluster's kubeconfig; unset: in-cluster config, if any."""
+
+    admin_token: Annotated[str | None, AfterValidator(_min_token_length)] = None
+    """If set at first start, this string becomes the initial admin token."""
+
+    log_level: str = "INFO"
+    """Log level for every service (DEBUG, INFO, WARNING, ERROR)."""
+
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """Port for /healthz and /readyz of non-API services; 0 picks a free port."""
+
+    events_max_age_days: float = Field(default=30.0, gt=0)
+    """How long NEST_EVENTS keeps events (replay horizon for integrations)."""
+
+    duplicate_window_seconds: float = Field(default=600.0, gt=0)
+    """JetStream de-duplication window for Nats-Msg-Id (covers relay crash/restart)."""
+
+    max_deliver: int = Field(default=5, ge=1)
+    """Deliveries of a message before it goes to the dead-letter stream."""
+
+    shutdown_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long a service drains its consumers on SIGTERM before it stops anyway."""
+
+    instance: str | None = None
+    """A name for this process in heartbeats; default: hostname-pid."""
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return upper
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = value.split(":", 1)[0]
+        known = {"sqlite", "sqlite+aiosqlite", "postgresql", "postgres", "postgresql+asyncpg"}
+        if scheme not in known:
+            raise ValueError("must be a sqlite:// or postgresql:// URL")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The async SQLAlchemy URL: the setting with an async driver, or SQLite in the data dir."""
+        url = self.database_url or f"sqlite:///{self.data_dir / 'nest.db'}"
+        for plain, driver in (
+            ("sqlite://", "sqlite+aiosqlite://"),
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("postgres://", "postgresql+asyncpg://"),
+        ):
+            if url.startswith(plain):
+                return driver + url[len(plain) :]
+        return url
+
+    @property
+    def api_url(self) -> str:
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "") else self.api_host
+        return f"http://{host}:{self.api_port}"
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning validation errors into one readable SettingsError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            lines.append(f"NEST_{field.upper()}: {error['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,138 @@
+"""The Foundry API application: lifespan (DB, bus, relay, projector), routers, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from libs.common.bus import Bus, Consumer, StreamSettings, servers_from_url
+from libs.common.settings import Settings
+from libs.common.tasks import TaskSet
+from services.api import problems
+from services.api.clusters.endpoints import router as clusters_router
+from services.api.db import create_engine, migrate, session_factory
+from services.api.middleware import CorrelationIdMiddleware
+from services.api.outbox.relay import OutboxRelay
+from services.api.projector import Projector
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+VERSION = "0.1.0"
+
+
+def stream_settings(settings: Settings) -> StreamSettings:
+    return StreamSettings(
+        events_max_age_seconds=settings.events_max_age_days * 86400,
+        duplicate_window_seconds=settings.duplicate_window_seconds,
+    )
+
+
+async def _start_messaging(app: FastAPI, settings: Settings) -> None:
+    """Connect (retrying forever), declare streams, then start the relay and the projector."""
+    bus: Bus = app.state.bus
+    tasks: TaskSet = app.state.tasks
+    await bus.connect()
+    while True:
+        try:
+            await bus.ensure_streams(stream_settings(settings))
+            break
+        except Exception as exc:
+            log.warning("declaring streams failed (%s); retrying", exc)
+            await asyncio.sleep(1)
+    app.state.streams_ready = True
+    tasks.spawn("outbox-relay", app.state.relay.run())
+    consumer: Consumer = Projector(app.state.sessions).consumer(
+        bus, max_deliver=settings.max_deliver
+    )
+    app.state.projector = consumer
+    tasks.spawn("projector", consumer.run())
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The API for these settings. `settings.nats_url` must be resolved (the runner does it)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.resolved_database_url)
+        await migrate(engine)
+        app.state.engine = engine
+        app.state.sessions = session_factory(engine)
+        app.state.bus = Bus(servers_from_url(settings.nats_url or ""), name="nest-api")
+        app.state.relay = OutboxRelay(app.state.sessions, app.state.bus)
+        app.state.tasks = TaskSet()
+        app.state.streams_ready = False
+        app.state.projector = None
+        app.state.tasks.spawn("messaging", _start_messaging(app, settings))
+        log.info("api started", extra={"url": settings.api_url})
+        try:
+            yield
+        finally:
+            consumer: Consumer | None = app.state.projector
+            if consumer is not None:
+                await consumer.drain(settings.shutdown_timeout_seconds)
+            try:
+                await app.state.tasks.stop(settings.shutdown_timeout_seconds)
+            except Exception:
+                log.exception("a background task had failed")
+            await app.state.bus.close()
+            await engine.dispose()
+            log.info("api stopped")
+
+    app = FastAPI(
+        title="Nest Foundry API",
+        version=VERSION,
+        description=(
+            "Manage hosted Kubernetes control planes on bare metal. Errors are RFC 9457 "
+            "problem details; JSON field names are camelCase."
+        ),
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    problems.install(app)
+    app.add_middleware(CorrelationIdMiddleware)
+
+    api = APIRouter(prefix=API_PREFIX)
+    api.include_router(clusters_router)
+    app.include_router(api)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        checks = await readiness(request.app)
+        ok = all(checks.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    return app
+
+
+async def readiness(app: FastAPI) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+    try:
+        async with app.state.sessions() as session:
+            await session.execute(text("SELECT 1"))
+        checks["database"] = True
+    except Exception:
+        checks["database"] = False
+    bus: Bus = app.state.bus
+    checks["nats"] = bus.connected and bool(app.state.streams_ready)
+    tasks: TaskSet = app.state.tasks
+    checks["outboxRelay"] = tasks.alive("outbox-relay")
+    checks["projector"] = tasks.alive("projector")
+    return checks

@@ -1,0 +1,83 @@
+"""The Foundry DB tables (SQLAlchemy 2 declarative). Queries live in each domain's repository."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored in UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JsonType, datetime: UTCDateTime}
+
+
+class Cluster(Base):
+    """A hosted control plane: desired state (spec, generation) and projected status."""
+
+    __tablename__ = "clusters"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    labels: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    spec: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    deletion_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    phase: Mapped[str] = mapped_column(String(32), default="Pending")
+    observed_generation: Mapped[int] = mapped_column(Integer, default=0)
+    status_reason: Mapped[str] = mapped_column(String(128), default="")
+    status_message: Mapped[str] = mapped_column(Text, default="")
+    conditions: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
+    endpoint: Mapped[dict[str, Any] | None] = mapped_column(JsonType, nullable=True)
+    status_sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+    """The NEST_EVENTS stream sequence of the last status event applied (stale-event guard)."""
+
+    __table_args__ = (Index("ix_clusters_created_at_id", "created_at", "id"),)
+
+
+class OutboxMessage(Base):
+    """An envelope committed with the write that caused it, waiting to be published."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    subject: Mapped[str] = mapped_column(String(255))
+    envelope: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_outbox_pending", "sent_at", "id"),)

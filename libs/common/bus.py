@@ -157,6 +157,7 @@ class Bus:
         self.name = name
         self._nc: NatsClient | None = None
         self._connected = asyncio.Event()
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -172,10 +173,13 @@ class Bus:
         """Connect, retrying forever with backoff; returns once the first connection is up."""
 
         async def on_error(exc: Exception) -> None:
+            if self._closing:
+                return
             log.warning("nats connection problem: %s", exc or type(exc).__name__)
 
         async def on_disconnect() -> None:
-            log.warning("disconnected from NATS; reconnecting")
+            if not self._closing:
+                log.warning("disconnected from NATS; reconnecting")
 
         async def on_reconnect() -> None:
             log.info("reconnected to NATS")
@@ -200,11 +204,14 @@ class Bus:
             raise BusUnavailable("NATS did not connect in time") from None
 
     async def close(self) -> None:
+        """Flush what was published and close. Consumers are drained by their owners first."""
+        self._closing = True
         if self._nc is not None and not self._nc.is_closed:
+            if self._nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await self._nc.flush(timeout=2)
             with contextlib.suppress(Exception):
-                await self._nc.drain()
-            with contextlib.suppress(Exception):
-                await self._nc.close()
+                await asyncio.wait_for(self._nc.close(), 5)
 
     async def ensure_streams(self, settings: StreamSettings | None = None) -> None:
         """Create or update the streams; safe to call from every service at every start."""

@@ -98,6 +98,8 @@ _CAS: tuple[tuple[str, str], ...] = (
     (names.SECRET_ETCD_CA, ETCD_CA_NAME),
 )
 
+_CA_SECRETS = frozenset(secret for secret, _ in _CAS)
+
 PKI_SECRETS: tuple[str, ...] = (
     names.SECRET_CA,
     names.SECRET_FRONT_PROXY_CA,
@@ -257,6 +259,16 @@ class PKIReport:
     def renewed(self) -> tuple[str, ...]:
         return tuple(change.name for change in self.changes if change.action == "renewed")
 
+    @property
+    def replaced_cas(self) -> tuple[str, ...]:
+        """CAs that existed but were unusable and got regenerated: every node trusting the old
+        one must be given the new one, so this deserves a warning condition."""
+        return tuple(
+            change.name
+            for change in self.changes
+            if change.action == "renewed" and change.name in _CA_SECRETS
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class PKIResult:
@@ -382,6 +394,7 @@ def reconcile_pki(
             defect = _leaf_drift(leaf, material.cert, authority, now, renew_before)
         if material is None or defect is not None or current is None:
             material = _issue(leaf, authority, now, LEAF_LIFETIME)
+            _remember(_digest(material.cert_pem, material.key_pem, authority.cert_pem))
             changes.append(_change(leaf.secret, current, defect))
             data = _leaf_data(leaf, material, authority, inputs.cluster_name)
         else:

@@ -23,8 +23,9 @@ class ApiClient:
         token = token or os.environ.get("NEST_TOKEN")
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1", headers=headers,
-                                 timeout=timeout)
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout
+        )
 
     def __enter__(self) -> ApiClient:
         return self
@@ -42,7 +43,8 @@ class ApiClient:
         try:
             problem = response.json()
         except ValueError:
-            raise ApiError(f"HTTP {response.status_code}: {response.text[:200]}",
-                           status=response.status_code) from None
+            raise ApiError(
+                f"HTTP {response.status_code}: {response.text[:200]}", status=response.status_code
+            ) from None
         message = problem.get("detail") or problem.get("title") or f"HTTP {response.status_code}"
         raise ApiError(message, status=response.status_code, errors=problem.get("errors"))

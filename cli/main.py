@@ -13,7 +13,9 @@ from rich.table import Table
 from cli.client import ApiClient, ApiError
 from libs.common.settings import Settings, SettingsError, load_settings
 
-app = typer.Typer(help="Nest: hosted Kubernetes control planes on bare metal.", no_args_is_help=True)
+app = typer.Typer(
+    help="Nest: hosted Kubernetes control planes on bare metal.", no_args_is_help=True
+)
 clusters_app = typer.Typer(help="Manage clusters.", no_args_is_help=True)
 app.add_typer(clusters_app, name="clusters")
 
@@ -47,12 +49,14 @@ def up() -> None:
     settings = _settings()
 
     def ready() -> None:
-        console.print(f"[bold green]Nest is starting[/bold green] — API at {settings.api_url}/api/v1")
+        console.print(
+            f"[bold green]Nest is starting[/bold green] — API at {settings.api_url}/api/v1"
+        )
         console.print(f"  OpenAPI: {settings.api_url}/api/v1/openapi.json")
         console.print(f"  Data:    {settings.data_dir}   Logs: {settings.data_dir / 'logs'}")
         console.print("  Press Ctrl-C to stop.")
 
-    supervisor = Supervisor(settings, list(SERVICES), say=lambda line: errors.print(line))
+    supervisor = Supervisor(settings, list(SERVICES), say=errors.print)
     code = supervisor.run(on_ready=ready)
     console.print("Nest stopped.")
     raise typer.Exit(code)
@@ -113,7 +117,9 @@ def _resolve(client: ApiClient, ref: str) -> dict[str, Any]:
             raise
     cursor: str | None = None
     while True:
-        page = client.call("GET", "/clusters", params={"limit": 500, **({"cursor": cursor} if cursor else {})})
+        page = client.call(
+            "GET", "/clusters", params={"limit": 500, **({"cursor": cursor} if cursor else {})}
+        )
         for item in page["items"]:
             if item["name"] == ref:
                 return dict(item)
@@ -172,14 +178,18 @@ def clusters_create(
         labels[key] = value
     try:
         with _client(api_url) as client:
-            created = client.call("POST", "/clusters", json={"name": name, "labels": labels, "spec": spec})
+            created = client.call(
+                "POST", "/clusters", json={"name": name, "labels": labels, "spec": spec}
+            )
     except ApiError as exc:
         raise _fail(exc) from None
     console.print(_cluster_table([created]))
 
 
 @clusters_app.command("get")
-def clusters_get(ref: Annotated[str, typer.Argument(help="Id or name.")], api_url: ApiUrl = None) -> None:
+def clusters_get(
+    ref: Annotated[str, typer.Argument(help="Id or name.")], api_url: ApiUrl = None
+) -> None:
     """Show one cluster with its conditions."""
     try:
         with _client(api_url) as client:
@@ -196,8 +206,13 @@ def clusters_get(ref: Annotated[str, typer.Argument(help="Id or name.")], api_ur
         for column in ("TYPE", "STATUS", "REASON", "MESSAGE", "SINCE"):
             table.add_column(column)
         for c in conditions:
-            table.add_row(c["type"], c["status"], c.get("reason", ""), c.get("message", ""),
-                          c.get("lastTransitionTime", "")[:19].replace("T", " "))
+            table.add_row(
+                c["type"],
+                c["status"],
+                c.get("reason", ""),
+                c.get("message", ""),
+                c.get("lastTransitionTime", "")[:19].replace("T", " "),
+            )
         console.print(table)
 
 

@@ -73,7 +73,11 @@ class Supervisor:
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         nats = resolve_nats(self.settings, reuse=False)
-        env = {**os.environ, "NEST_NATS_URL": nats.url, "NEST_DATA_DIR": str(self.settings.data_dir)}
+        env = {
+            **os.environ,
+            "NEST_NATS_URL": nats.url,
+            "NEST_DATA_DIR": str(self.settings.data_dir),
+        }
         signal.signal(signal.SIGINT, self._request_stop)
         signal.signal(signal.SIGTERM, self._request_stop)
         try:
@@ -100,7 +104,7 @@ class Supervisor:
                 # A child that ran a while before dying gets its backoff reset.
                 if now - child.started_at > 60:
                     child.restarts = 0
-                delay = min(2 ** child.restarts, 30)
+                delay = min(2**child.restarts, 30)
                 child.restarts += 1
                 child.next_start = now + delay
                 child.process = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -42,10 +43,8 @@ async def reset_streams(url: str) -> None:
     await bus.connect()
     js = bus.nc.jetstream()
     for name in (INTENTS_STREAM, EVENTS_STREAM, DLQ_STREAM):
-        try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(name)
-        except nats.js.errors.NotFoundError:
-            pass
     await bus.close()
 
 

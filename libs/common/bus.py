@@ -262,7 +262,10 @@ class Bus:
     ) -> Envelope:
         """Wrap a contract payload in its envelope and publish it; returns the envelope."""
         nats_subject, envelope = envelope_for(
-            payload, source=source, subject=subject, correlation_id=correlation or correlation_id.get()
+            payload,
+            source=source,
+            subject=subject,
+            correlation_id=correlation or correlation_id.get(),
         )
         await self.publish_envelope(nats_subject, envelope)
         return envelope

@@ -137,8 +137,9 @@ class EmbeddedNats:
             if self.process.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
                 raise EmbeddedNatsError(f"nats-server exited at start:\n{tail}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.5
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
             ):
                 return
             time.sleep(0.05)

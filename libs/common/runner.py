@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from libs.common.bus import Bus, StreamSettings, servers_from_url
 from libs.common.contract import heartbeat_subject
@@ -85,7 +85,10 @@ def resolve_nats(settings: Settings, *, reuse: bool = True) -> NatsEndpoint:
     server = EmbeddedNats(directory)
     server.start()
     (directory / "url").write_text(server.url)
-    log.info("embedded nats-server started", extra={"url": server.url, "pid": server.process.pid if server.process else None})
+    log.info(
+        "embedded nats-server started",
+        extra={"url": server.url, "pid": server.process.pid if server.process else None},
+    )
     return NatsEndpoint(server.url, server)
 
 
@@ -115,6 +118,7 @@ class HealthServer:
                 pass
             parts = request_line.decode("latin-1").split()
             path = parts[1] if len(parts) > 1 else "/"
+            body: dict[str, Any]
             if path == "/healthz":
                 status, body = 200, {"status": "ok"}
             elif path == "/readyz":
@@ -122,10 +126,13 @@ class HealthServer:
                 with contextlib.suppress(Exception):
                     checks.update(await self.service.ready())
                 ok = all(checks.values())
-                status, body = (200 if ok else 503), {
-                    "status": "ok" if ok else "unavailable",
-                    "checks": checks,
-                }
+                status, body = (
+                    (200 if ok else 503),
+                    {
+                        "status": "ok" if ok else "unavailable",
+                        "checks": checks,
+                    },
+                )
             else:
                 status, body = 404, {"title": "Not Found", "status": 404}
             payload = json.dumps(body).encode()
@@ -146,9 +153,16 @@ async def _heartbeats(bus: Bus, service: str, instance: str) -> None:
     started = time.time()
     while True:
         if bus.connected:
-            body = {"service": service, "instance": instance, "startedAt": started, "time": time.time()}
+            body = {
+                "service": service,
+                "instance": instance,
+                "startedAt": started,
+                "time": time.time(),
+            }
             with contextlib.suppress(Exception):
-                await bus.nc.publish(heartbeat_subject(service, instance), json.dumps(body).encode())
+                await bus.nc.publish(
+                    heartbeat_subject(service, instance), json.dumps(body).encode()
+                )
         await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
@@ -181,8 +195,9 @@ async def run_service(service: Service, settings: Settings, nats_url: str) -> No
     await stop.wait()
     log.info("%s stopping", service.name)
     try:
-        await asyncio.wait_for(service.stop(settings.shutdown_timeout_seconds),
-                               settings.shutdown_timeout_seconds + 1)
+        await asyncio.wait_for(
+            service.stop(settings.shutdown_timeout_seconds), settings.shutdown_timeout_seconds + 1
+        )
     except TimeoutError:
         log.warning("%s did not drain within the shutdown bound", service.name)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -82,16 +83,16 @@ def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
     return ".".join(parts) or "body"
 
 
-def errors_from_pydantic(
-    errors: list[Any] | tuple[Any, ...], prefix: tuple[str, ...] = ()
-) -> list[FieldError]:
+def errors_from_pydantic(errors: Sequence[Any], prefix: tuple[str, ...] = ()) -> list[FieldError]:
     result = []
     for error in errors:
         message = str(error.get("msg", "invalid"))
         message = message.removeprefix("Value error, ")
         if error.get("type") == "extra_forbidden":
             message = "unknown field"
-        result.append(FieldError(field=field_path((*prefix, *error.get("loc", ()))), message=message))
+        result.append(
+            FieldError(field=field_path((*prefix, *error.get("loc", ()))), message=message)
+        )
     return result
 
 
@@ -142,8 +143,12 @@ def install(app: FastAPI) -> None:
         errors = errors_from_pydantic(exc.errors())
         summary = "; ".join(f"{e.field}: {e.message}" for e in errors)
         return problem_response(
-            request, 422, "Unprocessable Content", f"invalid input: {summary}",
-            kind="validation", errors=errors,
+            request,
+            422,
+            "Unprocessable Content",
+            f"invalid input: {summary}",
+            kind="validation",
+            errors=errors,
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -157,7 +162,10 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(
-            request, 500, "Internal Server Error", "an unexpected error occurred; see the logs",
+            request,
+            500,
+            "Internal Server Error",
+            "an unexpected error occurred; see the logs",
             kind="internal",
         )
 

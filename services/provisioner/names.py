@@ -50,7 +50,9 @@ def namespace_for(name: str) -> str:
     return f"nest-{name[: 63 - 5 - 9].rstrip('-')}-{digest}"
 
 
-def etcd_member_hosts(namespace: str, replicas: int, dns_domain: str = "cluster.local") -> list[str]:
+def etcd_member_hosts(
+    namespace: str, replicas: int, dns_domain: str = "cluster.local"
+) -> list[str]:
     """DNS names of every etcd member behind the headless Service (short and fully qualified)."""
     hosts: list[str] = []
     for ordinal in range(replicas):

@@ -2,7 +2,9 @@
 
 Pure functions: they take the secrets that exist now, the cluster's inputs and the current time,
 and return the secrets that should exist. Nothing here reads a clock, a file or the network;
-the only side effect is drawing randomness for new keys and serial numbers.
+the only side effects are drawing randomness for new keys and serial numbers, and a bounded
+in-process memo of certificates already proven to chain (see `_proven`), which changes speed,
+never results.
 
 Interface for the reconciler and the manifests module:
 
@@ -13,7 +15,8 @@ Interface for the reconciler and the manifests module:
     A secret that needed nothing is returned byte-for-byte as it came in.
   - `report.changes`: which secrets were created, renewed or updated and why; `report.changed`
     is the set of names whose data differs from `existing`, i.e. what to write and which pods
-    to roll. `report.expiring_cas` lists CAs close to expiry (never renewed automatically).
+    to roll. `report.expiring_cas` lists CAs close to expiry (never renewed automatically);
+    `report.replaced_cas` lists CAs that existed but were unusable and had to be regenerated.
     `report.next_renewal_at` is when the next leaf falls under the renewal threshold, so the
     caller can schedule a resync.
 - `SECRET_TYPES[name]` is the Secret `type`: `kubernetes.io/tls` for every CA and leaf
@@ -321,10 +324,23 @@ class _Leaf:
 
 
 @dataclass(frozen=True, slots=True)
+class _Facts:
+    """What a proven leaf certificate says, i.e. everything `_leaf_drift` compares."""
+
+    not_before: datetime
+    not_after: datetime
+    common_names: tuple[str, ...]
+    organizations: tuple[str, ...]
+    usages: frozenset[x509.ObjectIdentifier]
+    dns_names: frozenset[str]
+    ips: frozenset[IPAddress | ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True, slots=True)
 class _Material:
-    cert: x509.Certificate
-    key_pem: bytes
     cert_pem: bytes
+    key_pem: bytes
+    facts: _Facts
 
 
 _SERVER_AND_CLIENT = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
@@ -391,10 +407,10 @@ def reconcile_pki(
         current = existing.get(leaf.secret)
         material, defect = _read_leaf(leaf, current, authority)
         if material is not None and defect is None:
-            defect = _leaf_drift(leaf, material.cert, authority, now, renew_before)
+            defect = _leaf_drift(leaf, material.facts, authority, now, renew_before)
         if material is None or defect is not None or current is None:
             material = _issue(leaf, authority, now, LEAF_LIFETIME)
-            _remember(_digest(material.cert_pem, material.key_pem, authority.cert_pem))
+            _remember(_digest(material.cert_pem, material.key_pem, authority.cert_pem), material)
             changes.append(_change(leaf.secret, current, defect))
             data = _leaf_data(leaf, material, authority, inputs.cluster_name)
         else:
@@ -406,8 +422,8 @@ def reconcile_pki(
             )
             if dict(current) != data:
                 changes.append(SecretChange(leaf.secret, "updated", "secret data corrected"))
-        if material.cert.not_valid_after_utc < authority.cert.not_valid_after_utc:
-            renewals.append(material.cert.not_valid_after_utc - renew_before)
+        if material.facts.not_after < authority.cert.not_valid_after_utc:
+            renewals.append(material.facts.not_after - renew_before)
         secrets[leaf.secret] = data
 
     report = PKIReport(
@@ -457,7 +473,7 @@ def issue_admin_kubeconfig(
     return IssuedKubeconfig(
         kubeconfig=_kubeconfig(cluster_name, server_url, authority.cert_pem, user, material),
         user=user,
-        expires_at=material.cert.not_valid_after_utc,
+        expires_at=material.facts.not_after,
     )
 
 
@@ -489,7 +505,7 @@ def issue_etcd_client(
         cert_pem=material.cert_pem,
         key_pem=material.key_pem,
         ca_pem=authority.cert_pem,
-        expires_at=material.cert.not_valid_after_utc,
+        expires_at=material.facts.not_after,
     )
 
 
@@ -648,21 +664,22 @@ def _read_leaf(
             )
             if problem:
                 return None, problem
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        material = _Material(cert=cert, key_pem=key_pem, cert_pem=cert_pem)
         digest = _digest(cert_pem, key_pem, authority.cert_pem)
-        if digest in _proven:
-            return material, None
+        facts = _proven.get(digest)
+        if facts is not None:
+            return _Material(cert_pem=cert_pem, key_pem=key_pem, facts=facts), None
+        cert = x509.load_pem_x509_certificate(cert_pem)
         key = _load_key(key_pem)
+        if cert.public_key() != key.public_key():
+            return None, "the key does not belong to the certificate"
+        try:
+            cert.verify_directly_issued_by(authority.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return None, "not signed by the current CA"
+        material = _Material(cert_pem=cert_pem, key_pem=key_pem, facts=_facts(cert))
     except _UNREADABLE as exc:
         return None, f"unreadable: {_describe(exc)}"
-    if cert.public_key() != key.public_key():
-        return None, "the key does not belong to the certificate"
-    try:
-        cert.verify_directly_issued_by(authority.cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return None, "not signed by the current CA"
-    _remember(digest)
+    _remember(digest, material)
     return material, None
 
 
@@ -682,41 +699,59 @@ def _read_kubeconfig(document: bytes, server: str, ca_pem: bytes) -> tuple[bytes
 
 def _leaf_drift(
     leaf: _Leaf,
-    cert: x509.Certificate,
+    facts: _Facts,
     authority: _Authority,
     now: datetime,
     renew_before: timedelta,
 ) -> str | None:
-    """Why `cert`, already proven to come from `authority`, no longer serves as `leaf`."""
-    not_after = cert.not_valid_after_utc
+    """Why a certificate proven to come from `authority` no longer serves as `leaf`."""
+    not_after = facts.not_after
     if not_after <= now:
         return "expired"
-    if cert.not_valid_before_utc > now:
+    if facts.not_before > now:
         return "not valid yet"
     if not_after - now < renew_before and not_after < authority.cert.not_valid_after_utc:
         return f"expires {not_after.isoformat()}, within the renewal threshold"
-    subject = cert.subject
-    common_names = [attr.value for attr in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    organizations = sorted(
-        str(attr.value) for attr in subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    )
-    if common_names != [leaf.common_name] or organizations != sorted(leaf.organizations):
+    if facts.common_names != (leaf.common_name,) or facts.organizations != tuple(
+        sorted(leaf.organizations)
+    ):
         return "subject changed"
-    try:
-        usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        usages = set()
-    if usages != set(leaf.usages):
+    if facts.usages != frozenset(leaf.usages):
         return "extended key usages changed"
-    try:
-        alt_names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns_names = {name.lower() for name in alt_names.get_values_for_type(x509.DNSName)}
-        ips = set(alt_names.get_values_for_type(x509.IPAddress))
-    except x509.ExtensionNotFound:
-        dns_names, ips = set(), set()
-    if dns_names != set(leaf.dns_names) or ips != set(leaf.ips):
+    if facts.dns_names != frozenset(leaf.dns_names) or facts.ips != frozenset(leaf.ips):
         return "subject alternative names changed"
     return None
+
+
+def _facts(cert: x509.Certificate) -> _Facts:
+    subject = cert.subject
+    extensions = cert.extensions
+    try:
+        usages = frozenset(extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = frozenset()
+    try:
+        alt_names = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = frozenset(name.lower() for name in alt_names.get_values_for_type(x509.DNSName))
+        ips = frozenset(alt_names.get_values_for_type(x509.IPAddress))
+    except x509.ExtensionNotFound:
+        dns_names, ips = frozenset(), frozenset()
+    return _Facts(
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        common_names=tuple(
+            str(attr.value) for attr in subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ),
+        organizations=tuple(
+            sorted(
+                str(attr.value)
+                for attr in subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+            )
+        ),
+        usages=usages,
+        dns_names=dns_names,
+        ips=ips,
+    )
 
 
 def _service_account(
@@ -811,7 +846,9 @@ def _issue(leaf: _Leaf, authority: _Authority, now: datetime, lifetime: timedelt
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
     cert = builder.sign(authority.key, _signature_hash(authority.key))
     return _Material(
-        cert=cert, key_pem=_key_pem(key), cert_pem=cert.public_bytes(serialization.Encoding.PEM)
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+        key_pem=_key_pem(key),
+        facts=_facts(cert),
     )
 
 
@@ -881,12 +918,13 @@ def _kubeconfig(
 
 # Small pieces
 
-# Digests of (certificate, key, CA) triples already proven to match and chain. Checking them is
-# most of a resync's cost (a signature check and a key parse per leaf), and the answer depends
-# only on those bytes, so remembering it keeps the functions pure while a resync of a thousand
-# unchanged clusters skips the cryptography. Bounded: cleared when full.
-_PROVEN_LIMIT = 65536
-_proven: set[bytes] = set()
+# (certificate, key, CA) triples already proven to match and chain, by digest, with what the
+# certificate says. Proving and parsing are nearly all of a resync's cost (a signature check and
+# a key parse per leaf), and the answer depends only on those bytes, so remembering it keeps the
+# functions pure while a resync of a thousand unchanged clusters skips the cryptography. Holds
+# no key material. Bounded: cleared when full.
+_PROVEN_LIMIT = 32768
+_proven: dict[bytes, _Facts] = {}
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -897,10 +935,10 @@ def _digest(*parts: bytes) -> bytes:
     return digest.digest()
 
 
-def _remember(digest: bytes) -> None:
+def _remember(digest: bytes, material: _Material) -> None:
     if len(_proven) >= _PROVEN_LIMIT:
         _proven.clear()
-    _proven.add(digest)
+    _proven[digest] = material.facts
 
 
 def _change(name: str, current: Mapping[str, bytes] | None, problem: str | None) -> SecretChange:

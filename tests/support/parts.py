@@ -11,6 +11,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -19,7 +20,7 @@ def require_all() -> bool:
     return os.environ.get("NEST_REQUIRE_ALL", "") not in ("", "0", "false")
 
 
-def missing(reason: str) -> None:
+def missing(reason: str) -> NoReturn:
     """Skip (or, under NEST_REQUIRE_ALL=1, fail) because a real part is not available."""
     if require_all():
         pytest.fail(f"required part missing (NEST_REQUIRE_ALL=1): {reason}")

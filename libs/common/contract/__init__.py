@@ -7,7 +7,7 @@ AsyncAPI document from it, and a test checks that nothing is published outside i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel
 
@@ -45,6 +45,9 @@ def dlq_subject(service: str) -> str:
     return f"nest.dlq.{service}"
 
 
+PayloadType: TypeAlias = type[WireModel]
+
+
 @dataclass(frozen=True)
 class MessageType:
     """One entry of the contract."""
@@ -52,7 +55,7 @@ class MessageType:
     type: str
     subject: str
     kind: Literal["intent", "event"]
-    payload: type[WireModel]
+    payload: PayloadType
     summary: str
 
 

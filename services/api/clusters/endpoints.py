@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Request, status
 
@@ -15,7 +15,7 @@ from services.api.problems import Problem
 router = APIRouter(prefix="/clusters", tags=["clusters"])
 
 ClusterId = Annotated[str, Path(description="The cluster's id.", max_length=64)]
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No such cluster."},
     422: {"model": Problem, "description": "Invalid input; `errors` names each field."},
 }
@@ -79,6 +79,8 @@ async def patch_cluster(
     summary="Delete a cluster",
     responses=ERRORS,
 )
-async def delete_cluster(cluster_id: ClusterId, session: SessionDep, notify: NotifyDep) -> ClusterRead:
+async def delete_cluster(
+    cluster_id: ClusterId, session: SessionDep, notify: NotifyDep
+) -> ClusterRead:
     """Mark the cluster `Deleting`; it disappears once the provisioner has removed it."""
     return await service.delete(session, cluster_id, notify)

@@ -11,7 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.api.models import Cluster
 
 
-async def get(session: AsyncSession, cluster_id: str, *, for_update: bool = False) -> Cluster | None:
+async def get(
+    session: AsyncSession, cluster_id: str, *, for_update: bool = False
+) -> Cluster | None:
     query = select(Cluster).where(Cluster.id == cluster_id)
     if for_update:
         query = query.with_for_update()
@@ -32,7 +34,10 @@ async def list_page(
     if after is not None:
         created, ident = after
         query = query.where(
-            or_(Cluster.created_at > created, and_(Cluster.created_at == created, Cluster.id > ident))
+            or_(
+                Cluster.created_at > created,
+                and_(Cluster.created_at == created, Cluster.id > ident),
+            )
         )
     return (await session.scalars(query)).all()
 

@@ -32,7 +32,13 @@ from services.api.clusters.schemas import ClusterCreate, ClusterPatch, ClusterRe
 from services.api.models import Cluster, utcnow
 from services.api.outbox import repository as outbox
 from services.api.pagination import Cursor, Page
-from services.api.problems import Conflict, FieldError, InvalidInput, NotFound, invalid_from_validation
+from services.api.problems import (
+    Conflict,
+    FieldError,
+    InvalidInput,
+    NotFound,
+    invalid_from_validation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +81,7 @@ def to_read(cluster: Cluster) -> ClusterRead:
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: objects merge recursively, null removes, anything else replaces."""
+    """RFC 7386 JSON merge patch: objects merge recursively, null removes, the rest replaces."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
     result = copy.deepcopy(target) if isinstance(target, dict) else {}
@@ -155,7 +161,9 @@ async def _require(session: AsyncSession, cluster_id: str, *, for_update: bool =
     return cluster
 
 
-async def list_clusters(session: AsyncSession, *, limit: int, cursor: str | None) -> Page[ClusterRead]:
+async def list_clusters(
+    session: AsyncSession, *, limit: int, cursor: str | None
+) -> Page[ClusterRead]:
     after = None
     if cursor:
         position = Cursor.decode(cursor)
@@ -187,7 +195,8 @@ async def patch(
             validate_labels(labels)
         except ValueError as exc:
             raise InvalidInput(
-                f"invalid input: labels: {exc}", errors=[FieldError(field="labels", message=str(exc))]
+                f"invalid input: labels: {exc}",
+                errors=[FieldError(field="labels", message=str(exc))],
             ) from None
         if labels != cluster.labels:
             cluster.labels = labels
@@ -220,7 +229,7 @@ def _validated_spec(current: dict[str, Any], patch: dict[str, Any]) -> dict[str,
         if _lookup(spec, path) != _lookup(current, path)
     ]
     try:
-        check_upgrade(current["kubernetesVersion"], spec["kubernetesVersion"])
+        check_upgrade(str(current["kubernetesVersion"]), str(spec["kubernetesVersion"]))
     except UpgradeRefused as exc:
         errors.append(FieldError(field="spec.kubernetesVersion", message=str(exc)))
     if errors:
@@ -258,7 +267,10 @@ async def apply_status(session: AsyncSession, event: ClusterStatusChanged, seque
     cluster = await repository.get(session, event.cluster_id, for_update=True)
     if cluster is None:
         return False
-    if sequence <= cluster.status_sequence or event.observed_generation < cluster.observed_generation:
+    if (
+        sequence <= cluster.status_sequence
+        or event.observed_generation < cluster.observed_generation
+    ):
         log.info(
             "ignoring stale status event",
             extra={"clusterId": cluster.id, "sequence": sequence, "held": cluster.status_sequence},
@@ -282,7 +294,9 @@ async def apply_deleted(session: AsyncSession, event: ClusterDeleted) -> bool:
     if cluster is None:
         return False
     if cluster.deletion_requested_at is None:
-        log.warning("ignoring deleted event for a cluster nobody deleted", extra={"clusterId": cluster.id})
+        log.warning(
+            "ignoring deleted event for a cluster nobody deleted", extra={"clusterId": cluster.id}
+        )
         return False
     await repository.remove(session, cluster.id)
     await session.commit()

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class OutboxRelay:
-    """Publishes pending outbox rows; woken by `notify()` after a commit, and polls as a backstop."""
+    """Publishes pending outbox rows; woken by `notify()` after a commit; polls as a backstop."""
 
     def __init__(
         self,
@@ -57,9 +57,7 @@ class OutboxRelay:
                 sent: list[int] = []
                 try:
                     for row in rows:
-                        await self.bus.publish_raw(
-                            row.subject, row.envelope.encode(), row.event_id
-                        )
+                        await self.bus.publish_raw(row.subject, row.envelope.encode(), row.event_id)
                         sent.append(row.id)
                 finally:
                     if sent:

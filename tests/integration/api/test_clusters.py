@@ -44,20 +44,29 @@ async def intents(bus: Bus, count: int, timeout: float = 5.0) -> list[Envelope]:
     return got
 
 
-def status_event(cluster_id: str, generation: int, phase: str = "Ready", **extra: Any) -> ClusterStatusChanged:
+def status_event(
+    cluster_id: str, generation: int, phase: str = "Ready", **extra: Any
+) -> ClusterStatusChanged:
     return ClusterStatusChanged(
         cluster_id=cluster_id,
         observed_generation=generation,
         phase=phase,  # type: ignore[arg-type]
         conditions=[
-            Condition(type="ControlPlaneReady", status="True", reason="Available",
-                      message="2/2 replicas ready", last_transition_time=datetime.now(UTC))
+            Condition(
+                type="ControlPlaneReady",
+                status="True",
+                reason="Available",
+                message="2/2 replicas ready",
+                last_transition_time=datetime.now(UTC),
+            )
         ],
         **extra,
     )
 
 
-async def wait_for(api: httpx.AsyncClient, cluster_id: str, predicate: Any, timeout: float = 5.0) -> httpx.Response:
+async def wait_for(
+    api: httpx.AsyncClient, cluster_id: str, predicate: Any, timeout: float = 5.0
+) -> httpx.Response:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         response = await api.get(f"{URL}/{cluster_id}")
@@ -82,7 +91,9 @@ class TestCreate:
         fetched = (await api.get(f"{URL}/{cluster['id']}")).json()
         assert fetched == cluster
 
-    async def test_create_publishes_a_self_contained_reconcile_intent(self, api: httpx.AsyncClient, bus: Bus) -> None:
+    async def test_create_publishes_a_self_contained_reconcile_intent(
+        self, api: httpx.AsyncClient, bus: Bus
+    ) -> None:
         cluster = await create(api, labels={"team": "payments"})
         [envelope] = await intents(bus, 1)
         assert envelope.type == "io.nest.cluster.reconcile.v1"
@@ -108,23 +119,49 @@ class TestCreate:
             ({"name": "a" * 64}, "name"),
             ({}, "name"),
             ({"name": "x", "spec": {"kubernetesVersion": "1.20.0"}}, "spec.kubernetesVersion"),
-            ({"name": "x", "spec": {"controlPlane": {"replicas": 0}}}, "spec.controlPlane.replicas"),
-            ({"name": "x", "spec": {"controlPlane": {"replicas": 6}}}, "spec.controlPlane.replicas"),
+            (
+                {"name": "x", "spec": {"controlPlane": {"replicas": 0}}},
+                "spec.controlPlane.replicas",
+            ),
+            (
+                {"name": "x", "spec": {"controlPlane": {"replicas": 6}}},
+                "spec.controlPlane.replicas",
+            ),
             ({"name": "x", "spec": {"datastore": {"replicas": 2}}}, "spec.datastore.replicas"),
             ({"name": "x", "spec": {"datastore": {"kind": "mysql"}}}, "spec.datastore.kind"),
-            ({"name": "x", "spec": {"datastore": {"storageSize": "ten gigs"}}}, "spec.datastore.storageSize"),
-            ({"name": "x", "spec": {"network": {"serviceType": "ClusterIP"}}}, "spec.network.serviceType"),
-            ({"name": "x", "spec": {"network": {"podCidr": "10.0.0.0/33"}}}, "spec.network.podCidr"),
-            ({"name": "x", "spec": {"network": {"serviceCidr": "10.0.0.1/16"}}}, "spec.network.serviceCidr"),
+            (
+                {"name": "x", "spec": {"datastore": {"storageSize": "ten gigs"}}},
+                "spec.datastore.storageSize",
+            ),
+            (
+                {"name": "x", "spec": {"network": {"serviceType": "ClusterIP"}}},
+                "spec.network.serviceType",
+            ),
+            (
+                {"name": "x", "spec": {"network": {"podCidr": "10.0.0.0/33"}}},
+                "spec.network.podCidr",
+            ),
+            (
+                {"name": "x", "spec": {"network": {"serviceCidr": "10.0.0.1/16"}}},
+                "spec.network.serviceCidr",
+            ),
             ({"name": "x", "spec": {"network": {"podCidr": "10.96.0.0/16"}}}, "spec.network"),
-            ({"name": "x", "spec": {"addons": {"coreDNS": {"enabled": "maybe"}}}}, "spec.addons.coreDNS.enabled"),
-            ({"name": "x", "spec": {"controlPlane": {"replicas": 1, "cpu": 4}}}, "spec.controlPlane.cpu"),
+            (
+                {"name": "x", "spec": {"addons": {"coreDNS": {"enabled": "maybe"}}}},
+                "spec.addons.coreDNS.enabled",
+            ),
+            (
+                {"name": "x", "spec": {"controlPlane": {"replicas": 1, "cpu": 4}}},
+                "spec.controlPlane.cpu",
+            ),
             ({"name": "x", "color": "blue"}, "color"),
             ({"name": "x", "labels": {"bad key!": "v"}}, "labels"),
             ({"name": "x", "labels": {"k": "v" * 64}}, "labels"),
         ],
     )
-    async def test_validation_names_the_field(self, api: httpx.AsyncClient, body: dict[str, Any], field: str) -> None:
+    async def test_validation_names_the_field(
+        self, api: httpx.AsyncClient, body: dict[str, Any], field: str
+    ) -> None:
         response = await api.post(URL, json=body)
         assert response.status_code == 422, response.text
         problem = response.json()
@@ -134,7 +171,9 @@ class TestCreate:
         assert (await api.get(URL)).json()["items"] == []
 
     async def test_malformed_json_is_422_not_500(self, api: httpx.AsyncClient) -> None:
-        response = await api.post(URL, content=b"{nope", headers={"content-type": "application/json"})
+        response = await api.post(
+            URL, content=b"{nope", headers={"content-type": "application/json"}
+        )
         assert response.status_code == 422
         assert response.headers["content-type"] == "application/problem+json"
 
@@ -154,7 +193,9 @@ class TestReadAndList:
             response = await api.request(method, f"{URL}/nope", json={})
             assert response.status_code == 404
 
-    async def test_pages_cover_everything_once_in_creation_order(self, api: httpx.AsyncClient) -> None:
+    async def test_pages_cover_everything_once_in_creation_order(
+        self, api: httpx.AsyncClient
+    ) -> None:
         names = [f"c{i:02d}" for i in range(7)]
         for name in names:
             await create(api, name)
@@ -177,9 +218,13 @@ class TestReadAndList:
 
 
 class TestPatch:
-    async def test_spec_change_bumps_generation_and_sends_the_full_spec(self, api: httpx.AsyncClient, bus: Bus) -> None:
+    async def test_spec_change_bumps_generation_and_sends_the_full_spec(
+        self, api: httpx.AsyncClient, bus: Bus
+    ) -> None:
         cluster = await create(api)
-        response = await api.patch(f"{URL}/{cluster['id']}", json={"spec": {"controlPlane": {"replicas": 3}}})
+        response = await api.patch(
+            f"{URL}/{cluster['id']}", json={"spec": {"controlPlane": {"replicas": 3}}}
+        )
         assert response.status_code == 200, response.text
         patched = response.json()
         assert patched["generation"] == 2
@@ -206,11 +251,17 @@ class TestPatch:
         assert response.json()["labels"] == {"a": "1", "c": "3"}
         assert response.json()["generation"] == 1
 
-    async def test_one_minor_upgrade_and_patch_versions_are_allowed(self, api: httpx.AsyncClient) -> None:
+    async def test_one_minor_upgrade_and_patch_versions_are_allowed(
+        self, api: httpx.AsyncClient
+    ) -> None:
         cluster = await create(api, spec={"kubernetesVersion": "1.34.1"})
-        response = await api.patch(f"{URL}/{cluster['id']}", json={"spec": {"kubernetesVersion": "1.34.2"}})
+        response = await api.patch(
+            f"{URL}/{cluster['id']}", json={"spec": {"kubernetesVersion": "1.34.2"}}
+        )
         assert response.status_code == 200
-        response = await api.patch(f"{URL}/{cluster['id']}", json={"spec": {"kubernetesVersion": "1.35.0"}})
+        response = await api.patch(
+            f"{URL}/{cluster['id']}", json={"spec": {"kubernetesVersion": "1.35.0"}}
+        )
         assert response.status_code == 200
         assert response.json()["generation"] == 3
 
@@ -218,14 +269,20 @@ class TestPatch:
         ("start", "target", "words"),
         [("1.33.5", "1.35.0", "skips a minor"), ("1.35.0", "1.34.2", "downgrade")],
     )
-    async def test_skip_and_downgrade_are_refused(self, api: httpx.AsyncClient, start: str, target: str, words: str) -> None:
+    async def test_skip_and_downgrade_are_refused(
+        self, api: httpx.AsyncClient, start: str, target: str, words: str
+    ) -> None:
         cluster = await create(api, spec={"kubernetesVersion": start})
-        response = await api.patch(f"{URL}/{cluster['id']}", json={"spec": {"kubernetesVersion": target}})
+        response = await api.patch(
+            f"{URL}/{cluster['id']}", json={"spec": {"kubernetesVersion": target}}
+        )
         assert response.status_code == 422
         [error] = response.json()["errors"]
         assert error["field"] == "spec.kubernetesVersion"
         assert words in error["message"]
-        assert (await api.get(f"{URL}/{cluster['id']}")).json()["spec"]["kubernetesVersion"] == start
+        assert (await api.get(f"{URL}/{cluster['id']}")).json()["spec"][
+            "kubernetesVersion"
+        ] == start
 
     @pytest.mark.parametrize(
         ("patch", "field"),
@@ -254,9 +311,12 @@ class TestDeleteAndProjection:
         cluster = await create(api)
         await bus.publish(
             status_event(cluster["id"], 1, endpoint={"host": "10.0.0.10", "port": 6443}),
-            source="provisioner", subject=cluster["id"],
+            source="provisioner",
+            subject=cluster["id"],
         )
-        response = await wait_for(api, cluster["id"], lambda r: r.json()["status"]["phase"] == "Ready")
+        response = await wait_for(
+            api, cluster["id"], lambda r: r.json()["status"]["phase"] == "Ready"
+        )
         status = response.json()["status"]
         assert status["observedGeneration"] == 1
         assert status["endpoint"] == {"host": "10.0.0.10", "port": 6443}
@@ -270,12 +330,19 @@ class TestDeleteAndProjection:
         await wait_for(api, cluster["id"], lambda r: r.json()["status"]["observedGeneration"] == 2)
         # An older generation's report arriving late must not overwrite the newer one.
         await bus.publish(status_event(cluster["id"], 1, "Provisioning"), source="provisioner")
-        await bus.publish(status_event(cluster["id"], 2, "Degraded", reason="EtcdQuorumLost"), source="provisioner")
-        response = await wait_for(api, cluster["id"], lambda r: r.json()["status"]["phase"] == "Degraded")
+        await bus.publish(
+            status_event(cluster["id"], 2, "Degraded", reason="EtcdQuorumLost"),
+            source="provisioner",
+        )
+        response = await wait_for(
+            api, cluster["id"], lambda r: r.json()["status"]["phase"] == "Degraded"
+        )
         assert response.json()["status"]["observedGeneration"] == 2
         assert response.json()["status"]["reason"] == "EtcdQuorumLost"
 
-    async def test_delete_marks_deleting_and_the_row_goes_on_deleted(self, api: httpx.AsyncClient, bus: Bus) -> None:
+    async def test_delete_marks_deleting_and_the_row_goes_on_deleted(
+        self, api: httpx.AsyncClient, bus: Bus
+    ) -> None:
         cluster = await create(api)
         response = await api.delete(f"{URL}/{cluster['id']}")
         assert response.status_code == 202
@@ -285,24 +352,34 @@ class TestDeleteAndProjection:
         reconcile, delete = await intents(bus, 2)
         assert delete.type == "io.nest.cluster.delete.v1"
         assert (await intents(bus, 1, timeout=1)) == []  # the repeated DELETE sent nothing new
-        patch = await api.patch(f"{URL}/{cluster['id']}", json={"spec": {"controlPlane": {"replicas": 1}}})
+        patch = await api.patch(
+            f"{URL}/{cluster['id']}", json={"spec": {"controlPlane": {"replicas": 1}}}
+        )
         assert patch.status_code == 409
         # A late status report does not resurrect it.
         await bus.publish(status_event(cluster["id"], 1, "Ready"), source="provisioner")
         await asyncio.sleep(0.3)
         assert (await api.get(f"{URL}/{cluster['id']}")).json()["status"]["phase"] == "Deleting"
-        await bus.publish(ClusterDeleted(cluster_id=cluster["id"], observed_generation=1), source="provisioner")
+        await bus.publish(
+            ClusterDeleted(cluster_id=cluster["id"], observed_generation=1), source="provisioner"
+        )
         await wait_for(api, cluster["id"], lambda r: r.status_code == 404)
         # The name is free again.
         await create(api)
 
-    async def test_deleted_event_for_a_live_cluster_is_ignored(self, api: httpx.AsyncClient, bus: Bus) -> None:
+    async def test_deleted_event_for_a_live_cluster_is_ignored(
+        self, api: httpx.AsyncClient, bus: Bus
+    ) -> None:
         cluster = await create(api)
-        await bus.publish(ClusterDeleted(cluster_id=cluster["id"], observed_generation=1), source="provisioner")
+        await bus.publish(
+            ClusterDeleted(cluster_id=cluster["id"], observed_generation=1), source="provisioner"
+        )
         await bus.publish(status_event(cluster["id"], 1), source="provisioner")
         await wait_for(api, cluster["id"], lambda r: r.json()["status"]["phase"] == "Ready")
 
-    async def test_unknown_event_types_do_not_stop_the_projector(self, api: httpx.AsyncClient, bus: Bus) -> None:
+    async def test_unknown_event_types_do_not_stop_the_projector(
+        self, api: httpx.AsyncClient, bus: Bus
+    ) -> None:
         cluster = await create(api)
         bogus = Envelope(source="/nest/x", type="io.nest.thing.unknown.v1", data={})
         await bus.publish_envelope("nest.event.thing.unknown", bogus)
@@ -315,12 +392,25 @@ class TestHealth:
         assert (await api.get("/healthz")).json() == {"status": "ok"}
         ready = await api.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json()["checks"] == {"database": True, "nats": True, "outboxRelay": True, "projector": True}
+        assert ready.json()["checks"] == {
+            "database": True,
+            "nats": True,
+            "outboxRelay": True,
+            "projector": True,
+        }
 
     async def test_openapi_document(self, api: httpx.AsyncClient) -> None:
         document = (await api.get("/api/v1/openapi.json")).json()
-        operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
-        assert {"createCluster", "listClusters", "getCluster", "updateCluster", "deleteCluster"} <= operations
+        operations = {
+            op["operationId"] for path in document["paths"].values() for op in path.values()
+        }
+        assert {
+            "createCluster",
+            "listClusters",
+            "getCluster",
+            "updateCluster",
+            "deleteCluster",
+        } <= operations
 
     async def test_correlation_id_is_echoed(self, api: httpx.AsyncClient) -> None:
         response = await api.get(URL, headers={"X-Correlation-ID": "req-123"})

@@ -1,4 +1,4 @@
-"""The bus against a real nats-server: dedup, nak/redelivery, DLQ, restarts, malformed input, RPC."""
+"""The bus against a real nats-server: dedup, nak, DLQ, restarts, malformed input, RPC."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from libs.common.nats_server import EmbeddedNats
 
 
 def intent(name: str = "demo", generation: int = 1) -> tuple[str, Envelope]:
-    payload = ReconcileCluster(cluster_id=f"id-{name}", name=name, generation=generation, spec=ClusterSpec())
+    payload = ReconcileCluster(
+        cluster_id=f"id-{name}", name=name, generation=generation, spec=ClusterSpec()
+    )
     return envelope_for(payload, source="test", subject=payload.cluster_id)
 
 
@@ -42,7 +44,9 @@ def spec(**overrides: object) -> ConsumerSpec:
 
 
 @contextlib.asynccontextmanager
-async def running(bus: Bus, consumer_spec: ConsumerSpec, handler: Callable[[Envelope, Delivery], Awaitable[None]]) -> AsyncIterator[None]:
+async def running(
+    bus: Bus, consumer_spec: ConsumerSpec, handler: Callable[[Envelope, Delivery], Awaitable[None]]
+) -> AsyncIterator[None]:
     consumer = bus.consumer(consumer_spec, handler)
     task = asyncio.create_task(consumer.run())
     try:

@@ -343,6 +343,12 @@ class TestReuse:
         assert again.report.changed == frozenset()
         assert again.secrets == fresh.secrets
 
+    def test_nothing_changes_in_a_fresh_process(self, fresh: pki.PKIResult) -> None:
+        pki._proven.clear()  # what a restarted provisioner starts with: nothing proven yet
+        again = pki.reconcile_pki(copy(fresh.secrets), make_inputs(), now=NOW)
+        assert again.report.changes == ()
+        assert again.secrets == fresh.secrets
+
     def test_renews_leaves_under_the_threshold_and_keeps_the_cas(
         self, fresh: pki.PKIResult
     ) -> None:

@@ -1,0 +1,156 @@
+"""`nest up` end to end: real processes, the embedded NATS, a stand-in provisioner, clean stops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from libs.common.bus import Bus
+from libs.common.contract import INTENTS_STREAM, Envelope
+from libs.common.contract.cluster import ClusterEndpoint, ClusterStatusChanged, Condition
+from tests.support.parts import free_port
+from tests.support.processes import (
+    descendants_alive,
+    kill_group,
+    nest_process,
+    process_tree,
+    wait_http,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_for_tree(pid: int, minimum: int, timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tree = process_tree(pid)
+        if len(tree) >= minimum:
+            return tree
+        time.sleep(0.1)
+    raise AssertionError(f"nest up has {process_tree(pid)} children, expected {minimum}")
+
+
+async def provisioner_stand_in(nats_url: str) -> Envelope:
+    """Take one reconcile intent and report the cluster Ready, as the provisioner will."""
+    bus = Bus([nats_url], name="stand-in-provisioner")
+    await bus.connect()
+    sub = await bus.nc.jetstream().pull_subscribe(
+        "nest.intent.provisioner.>", durable="provisioner", stream=INTENTS_STREAM
+    )
+    try:
+        for _ in range(100):
+            try:
+                [msg] = await sub.fetch(1, timeout=0.5)
+                break
+            except Exception:
+                continue
+        else:
+            raise AssertionError("no intent arrived")
+        envelope = Envelope.from_bytes(msg.data)
+        await bus.publish(
+            ClusterStatusChanged(
+                cluster_id=envelope.data["clusterId"],
+                observed_generation=envelope.data["generation"],
+                phase="Ready",
+                conditions=[
+                    Condition(
+                        type="ControlPlaneReady",
+                        status="True",
+                        reason="Available",
+                        last_transition_time=datetime.now(UTC),
+                    )
+                ],
+                endpoint=ClusterEndpoint(host="192.0.2.10", port=6443),
+            ),
+            source="provisioner",
+            subject=envelope.subject,
+            correlation=envelope.correlationid,
+        )
+        await msg.ack_sync()
+        return envelope
+    finally:
+        await bus.close()
+
+
+async def test_nest_up_serves_the_flow_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    env = {"NEST_DATA_DIR": str(data), "NEST_API_PORT": str(port)}
+    env_clean = {k: v for k, v in os.environ.items() if k != "NEST_NATS_URL"}
+    os.environ.pop("NEST_NATS_URL", None)
+    up = nest_process(["up"], env, tmp_path / "up.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/readyz", timeout=60, process=up)
+        tree = wait_for_tree(up.pid, 2)  # nats-server + api
+        nats_url = (data / "nats" / "url").read_text().strip()
+
+        async with httpx.AsyncClient(base_url=base) as client:
+            created = (await client.post("/api/v1/clusters", json={"name": "e2e"})).json()
+            intent = await provisioner_stand_in(nats_url)
+            assert intent.subject == created["id"]
+            assert intent.data["spec"] == created["spec"]
+            for _ in range(100):
+                cluster = (await client.get(f"/api/v1/clusters/{created['id']}")).json()
+                if cluster["status"]["phase"] == "Ready":
+                    break
+                await asyncio.sleep(0.05)
+            assert cluster["status"]["phase"] == "Ready"
+            assert cluster["status"]["endpoint"] == {"host": "192.0.2.10", "port": 6443}
+
+        listing = subprocess.run(
+            [sys.executable, "-m", "cli.main", "clusters", "list"],
+            env={**env_clean, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert "e2e" in listing.stdout and "Ready" in listing.stdout
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+        assert descendants_alive(tree) == []
+        assert "Nest is starting" in (tmp_path / "up.log").read_text()
+    finally:
+        kill_group(up)
+
+
+async def test_sigkilled_nest_up_leaves_nothing_and_the_next_start_recovers(tmp_path: Path) -> None:
+    port = free_port()
+    env = {"NEST_DATA_DIR": str(tmp_path / "data"), "NEST_API_PORT": str(port)}
+    os.environ.pop("NEST_NATS_URL", None)
+    up = nest_process(["up"], env, tmp_path / "up-1.log")
+    wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, process=up)
+    assert (
+        httpx.post(f"http://127.0.0.1:{port}/api/v1/clusters", json={"name": "kept"}).status_code
+        == 201
+    )
+    tree = wait_for_tree(up.pid, 2)
+    os.kill(up.pid, signal.SIGKILL)  # only the supervisor: the kernel must take its children
+    up.wait(10)
+    deadline = time.monotonic() + 10
+    while descendants_alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert descendants_alive(tree) == []
+
+    up = nest_process(["up"], env, tmp_path / "up-2.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, process=up)
+        names = [
+            c["name"] for c in httpx.get(f"http://127.0.0.1:{port}/api/v1/clusters").json()["items"]
+        ]
+        assert names == ["kept"]
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+    finally:
+        kill_group(up)

@@ -24,7 +24,11 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def create_engine(url: str) -> AsyncEngine:
     """An engine tuned per backend: SQLite gets WAL, a busy timeout and foreign keys."""
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # One connection: SQLite allows one writer at a time, and waiting for the pooled
+        # connection in asyncio is far cheaper than SQLite's sleeping busy handler.
+        engine = create_async_engine(
+            url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=60
+        )
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:

@@ -11,6 +11,7 @@ from services.api.clusters.schemas import ClusterCreate, ClusterPatch, ClusterRe
 from services.api.db import SessionDep
 from services.api.pagination import CursorQuery, LimitQuery, Page
 from services.api.problems import Problem
+from services.api.responses import ModelResponse
 
 router = APIRouter(prefix="/clusters", tags=["clusters"])
 
@@ -32,32 +33,43 @@ NotifyDep = Annotated[service.Notify, Depends(_notify)]
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
+    response_model=ClusterRead,
     operation_id="createCluster",
     summary="Create a cluster",
     responses={409: {"model": Problem, "description": "The name is taken."}, **ERRORS},
 )
 async def create_cluster(
     body: ClusterCreate, session: SessionDep, notify: NotifyDep
-) -> ClusterRead:
+) -> ModelResponse:
     """Create a hosted control plane. Only `name` is required."""
-    return await service.create(session, body, notify)
+    return ModelResponse(await service.create(session, body, notify), status.HTTP_201_CREATED)
 
 
-@router.get("", operation_id="listClusters", summary="List clusters")
+@router.get(
+    "", response_model=Page[ClusterRead], operation_id="listClusters", summary="List clusters"
+)
 async def list_clusters(
     session: SessionDep, limit: LimitQuery = 100, cursor: CursorQuery = None
-) -> Page[ClusterRead]:
+) -> ModelResponse:
     """Clusters in creation order, a page at a time."""
-    return await service.list_clusters(session, limit=limit, cursor=cursor)
+    return ModelResponse(await service.list_clusters(session, limit=limit, cursor=cursor))
 
 
-@router.get("/{cluster_id}", operation_id="getCluster", summary="Get a cluster", responses=ERRORS)
-async def get_cluster(cluster_id: ClusterId, session: SessionDep) -> ClusterRead:
-    return await service.get(session, cluster_id)
+@router.get(
+    "/{cluster_id}",
+    response_model=ClusterRead,
+    operation_id="getCluster",
+    summary="Get a cluster",
+    responses=ERRORS,
+)
+async def get_cluster(cluster_id: ClusterId, session: SessionDep) -> ModelResponse:
+    """One cluster with its observed status."""
+    return ModelResponse(await service.get(session, cluster_id))
 
 
 @router.patch(
     "/{cluster_id}",
+    response_model=ClusterRead,
     operation_id="updateCluster",
     summary="Change a cluster (JSON merge patch)",
     responses={409: {"model": Problem, "description": "The cluster is being deleted."}, **ERRORS},
@@ -67,14 +79,15 @@ async def patch_cluster(
     body: Annotated[ClusterPatch, Body(media_type="application/merge-patch+json")],
     session: SessionDep,
     notify: NotifyDep,
-) -> ClusterRead:
+) -> ModelResponse:
     """Merge `labels` and `spec` into the cluster; a spec change bumps `generation`."""
-    return await service.patch(session, cluster_id, body, notify)
+    return ModelResponse(await service.patch(session, cluster_id, body, notify))
 
 
 @router.delete(
     "/{cluster_id}",
     status_code=status.HTTP_202_ACCEPTED,
+    response_model=ClusterRead,
     operation_id="deleteCluster",
     summary="Delete a cluster",
     responses=ERRORS,

@@ -47,24 +47,32 @@ class OutboxRelay:
         self._wake.set()
 
     async def publish_pending(self) -> int:
-        """Publish every pending row, oldest first; returns how many were published."""
+        """Publish every pending row, oldest first; returns how many were published.
+
+        No DB connection is held while publishing: rows are read in one short transaction and
+        marked sent in another, so requests never wait behind a slow NATS round trip.
+        """
         total = 0
         while True:
             async with self.sessions() as session:
-                rows = await repository.pending(session, self.batch_size)
-                if not rows:
-                    return total
-                sent: list[int] = []
-                try:
-                    for row in rows:
-                        await self.bus.publish_raw(row.subject, row.envelope.encode(), row.event_id)
-                        sent.append(row.id)
-                finally:
-                    if sent:
+                rows = [
+                    (r.id, r.subject, r.envelope, r.event_id)
+                    for r in await repository.pending(session, self.batch_size)
+                ]
+            if not rows:
+                return total
+            sent: list[int] = []
+            try:
+                for row_id, subject, envelope, event_id in rows:
+                    await self.bus.publish_raw(subject, envelope.encode(), event_id)
+                    sent.append(row_id)
+            finally:
+                if sent:
+                    async with self.sessions() as session:
                         await repository.mark_sent(session, sent, utcnow())
                         await session.commit()
-                total += len(sent)
-                self.published += len(sent)
+            total += len(sent)
+            self.published += len(sent)
 
     async def run(self) -> None:
         """Relay forever: after every notify(), every poll interval, and after NATS comes back."""

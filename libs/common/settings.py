@@ -72,6 +72,35 @@ class Settings(BaseSettings):
     instance: str | None = None
     """A name for this process in heartbeats; default: hostname-pid."""
 
+    # Provisioner
+
+    image_registry: str = "registry.k8s.io"
+    """Registry (and path prefix) control-plane and add-on images are pulled from."""
+
+    pki_renew_before_days: int = Field(default=30, ge=1, le=180)
+    """A control-plane certificate with fewer days left than this is re-issued."""
+
+    resync_interval_seconds: float = Field(default=300.0, gt=0)
+    """How often the provisioner re-reconciles every cluster it knows (heals drift)."""
+
+    poll_interval_seconds: float = Field(default=2.0, gt=0)
+    """How often the provisioner looks again at a cluster that is not Ready yet."""
+
+    management_dns_domain: str = "cluster.local"
+    """DNS domain of the management cluster (names in the control-plane certificates)."""
+
+    node_address: str | None = None
+    """Address of a management-cluster node, for the endpoint of NodePort clusters."""
+
+    kube_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Longest one Kubernetes API request may take before it counts as failed."""
+
+    kube_retry_attempts: int = Field(default=4, ge=1, le=20)
+    """Tries of a Kubernetes API request that fails with 429, 5xx or a timeout."""
+
+    reconcile_concurrency: int = Field(default=16, ge=1, le=256)
+    """Clusters the provisioner reconciles at the same time."""
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:

@@ -47,6 +47,8 @@ CHECKSUM_ANNOTATION = "nest.io/pki-checksum"
 """On pod templates: a digest of the Secrets the pods mount, so a rotation rolls them."""
 GENERATION_ANNOTATION = "nest.io/generation"
 """On every object: the cluster generation it was rendered for."""
+VERSION_ANNOTATION = "nest.io/kubernetes-version"
+"""On the control-plane Deployment: the Kubernetes version it runs, the base of upgrade checks."""
 
 NODE_PORT_MIN = 30000
 NODE_PORT_MAX = 32767
@@ -152,6 +154,12 @@ _PLURALS: Mapping[str, str] = {
     "StatefulSet": "statefulsets",
     "Deployment": "deployments",
     "PodDisruptionBudget": "poddisruptionbudgets",
+    "ServiceAccount": "serviceaccounts",
+    "DaemonSet": "daemonsets",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "ClusterRole": "clusterroles",
+    "ClusterRoleBinding": "clusterrolebindings",
 }
 
 
@@ -907,10 +915,12 @@ def control_plane_deployment(intent: ReconcileCluster, settings: RenderSettings)
         containers.append(_konnectivity_container(intent, settings))
     selector = selector_labels(intent, COMPONENT_CONTROL_PLANE)
     pod_spec = _pod_spec(settings, selector, containers, _control_plane_volumes(intent))
+    metadata = _metadata(intent, names.CONTROL_PLANE_DEPLOYMENT, COMPONENT_CONTROL_PLANE)
+    metadata["annotations"][VERSION_ANNOTATION] = intent.spec.kubernetes_version
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(intent, names.CONTROL_PLANE_DEPLOYMENT, COMPONENT_CONTROL_PLANE),
+        "metadata": metadata,
         "spec": {
             "replicas": intent.spec.control_plane.replicas,
             "selector": {"matchLabels": selector},

@@ -93,7 +93,16 @@ SYSTEM_MASTERS = "system:masters"
 CLUSTER_ADMINS = "kubeadm:cluster-admins"
 ADMIN_CN_PREFIX = "nest:admin:"
 INTERNAL_SERVER_URL = f"https://localhost:{names.API_PORT}"
-"""controller-manager and scheduler share the API server's pod, so they dial it on loopback."""
+"""The internal server URL for the default port (LoadBalancer mode); see `internal_server_url`."""
+KONNECTIVITY_SERVER_USER = "system:konnectivity-server"
+"""The konnectivity server's user in the tenant; the add-ons bind it to system:auth-delegator."""
+
+
+def internal_server_url(apiserver_port: int) -> str:
+    """controller-manager, scheduler and konnectivity share the API server's pod, so they dial
+    it on loopback, at the port it listens on (the NodePort number in NodePort mode)."""
+    return f"https://localhost:{apiserver_port}"
+
 
 _CAS: tuple[tuple[str, str], ...] = (
     (names.SECRET_CA, CLUSTER_CA_NAME),
@@ -117,7 +126,10 @@ PKI_SECRETS: tuple[str, ...] = (
     names.SECRET_CONTROLLER_MANAGER_KUBECONFIG,
     names.SECRET_SCHEDULER_KUBECONFIG,
 )
-"""Every secret `reconcile_pki` returns, CAs first."""
+"""Every secret `reconcile_pki` returns, CAs first (plus `KONNECTIVITY_SECRETS` when on)."""
+
+KONNECTIVITY_SECRETS: tuple[str, ...] = (names.SECRET_KONNECTIVITY_KUBECONFIG,)
+"""Secrets `reconcile_pki` adds when `PKIInputs.konnectivity` is set."""
 
 SECRET_TYPES: Mapping[str, str] = MappingProxyType(
     {
@@ -128,10 +140,11 @@ SECRET_TYPES: Mapping[str, str] = MappingProxyType(
                 names.SECRET_SERVICE_ACCOUNT,
                 names.SECRET_CONTROLLER_MANAGER_KUBECONFIG,
                 names.SECRET_SCHEDULER_KUBECONFIG,
+                names.SECRET_KONNECTIVITY_KUBECONFIG,
             )
             else SECRET_TYPE_TLS
         )
-        for name in PKI_SECRETS
+        for name in (*PKI_SECRETS, *KONNECTIVITY_SECRETS)
     }
 )
 """Secret name -> the Kubernetes Secret `type` to create it with."""
@@ -185,6 +198,11 @@ class PKIInputs:
     """Addresses (IP or DNS name) clients reach the API at; empty while still unknown."""
     management_dns_domain: str = "cluster.local"
     """DNS domain of the management cluster, where the etcd and API Services live."""
+    apiserver_port: int = names.API_PORT
+    """Port the API server listens on in its pod (`manifests.apiserver_port`); the internal
+    kubeconfigs dial `https://localhost:<this>`."""
+    konnectivity: bool = False
+    """Whether the konnectivity add-on is on: it needs its own kubeconfig secret."""
 
     def __post_init__(self) -> None:
         if not self.cluster_name:
@@ -205,6 +223,8 @@ class PKIInputs:
             raise InvalidPKIInputError(
                 f"etcd_replicas must be at least 1, not {self.etcd_replicas}"
             )
+        if not 1 <= self.apiserver_port <= 65535:
+            raise InvalidPKIInputError(f"apiserver_port {self.apiserver_port} is not a TCP port")
         # A list passed by the caller would make the dataclass unhashable and mutable.
         hosts = tuple(_endpoint_host(host) for host in self.endpoint_hosts)
         object.__setattr__(self, "endpoint_hosts", hosts)
@@ -216,6 +236,7 @@ class PKIInputs:
         spec: ClusterSpec,
         endpoint_hosts: Iterable[str] = (),
         management_dns_domain: str = "cluster.local",
+        apiserver_port: int = names.API_PORT,
     ) -> PKIInputs:
         """The inputs of cluster `name` with `spec`, reached at `endpoint_hosts` once known."""
         return cls(
@@ -226,6 +247,8 @@ class PKIInputs:
             etcd_replicas=spec.datastore.replicas,
             endpoint_hosts=tuple(endpoint_hosts),
             management_dns_domain=management_dns_domain,
+            apiserver_port=apiserver_port,
+            konnectivity=spec.addons.konnectivity.enabled,
         )
 
 
@@ -541,6 +564,20 @@ def _leaves(inputs: PKIInputs) -> tuple[_Leaf, ...]:
     )
     # kubeadm puts ::1 into the etcd certificates too, so a member answers on either loopback.
     etcd_ips = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+    internal_url = internal_server_url(inputs.apiserver_port)
+    konnectivity = (
+        (
+            _Leaf(
+                secret=names.SECRET_KONNECTIVITY_KUBECONFIG,
+                issuer=names.SECRET_CA,
+                common_name=KONNECTIVITY_SERVER_USER,
+                usages=_CLIENT,
+                kubeconfig_server=internal_url,
+            ),
+        )
+        if inputs.konnectivity
+        else ()
+    )
     return (
         _Leaf(
             secret=names.SECRET_APISERVER,
@@ -592,15 +629,16 @@ def _leaves(inputs: PKIInputs) -> tuple[_Leaf, ...]:
             issuer=names.SECRET_CA,
             common_name="system:kube-controller-manager",
             usages=_CLIENT,
-            kubeconfig_server=INTERNAL_SERVER_URL,
+            kubeconfig_server=internal_url,
         ),
         _Leaf(
             secret=names.SECRET_SCHEDULER_KUBECONFIG,
             issuer=names.SECRET_CA,
             common_name="system:kube-scheduler",
             usages=_CLIENT,
-            kubeconfig_server=INTERNAL_SERVER_URL,
+            kubeconfig_server=internal_url,
         ),
+        *konnectivity,
     )
 
 

@@ -8,7 +8,7 @@ import signal
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +16,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from libs.common.bus import Bus
+from libs.common.settings import Settings
 from services.provisioner import names, pki
+from services.provisioner.service import ProvisionerService
+from tests.support.kube_emulator import TenantApis
+from tests.support.kube_harness import (
+    ManagementCluster,
+    management_cluster,
+    provisioner_settings,
+    reset_buckets,
+    running_provisioner,
+    tenant_apis,
+)
 from tests.support.parts import find_binary, free_port, missing
 
 READY_TIMEOUT = 20.0
@@ -168,3 +180,37 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
         yield Etcd(url=url, peer_url=peer_url, pki=result, tls_dir=root / "clients")
     finally:
         stop(process)
+
+
+# The provisioner against the emulated management cluster and tenant APIs
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """The provisioner's tests need the API only as a reader of events: SQLite is enough."""
+    return f"sqlite:///{tmp_path / 'nest.db'}"
+
+
+@pytest.fixture
+async def management(tmp_path: Path) -> AsyncIterator[ManagementCluster]:
+    async with management_cluster(tmp_path) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def tenants(management: ManagementCluster, tmp_path: Path) -> AsyncIterator[TenantApis]:
+    async with tenant_apis(management.emulator, tmp_path / "tenants") as apis:
+        yield apis
+
+
+@pytest.fixture
+async def provisioner(
+    settings: Settings, management: ManagementCluster, tenants: TenantApis, nats_url: str
+) -> AsyncIterator[ProvisionerService]:
+    bus = Bus([nats_url], name="reset")
+    await bus.connect()
+    await reset_buckets(bus)
+    await bus.close()
+    configured = provisioner_settings(settings, management.kubeconfig)
+    async with running_provisioner(configured, nats_url) as service:
+        yield service

@@ -1,0 +1,234 @@
+"""The Kubernetes client of the provisioner: the only module that imports kubernetes_asyncio.
+
+Everything else speaks plain dicts and REST paths (`manifests.resource_path`). A `KubeClient`
+talks to one API server (the management cluster, or a tenant's) with kubernetes-asyncio's
+`ApiClient` and raw REST calls, and turns failures into two kinds the reconciler can act on:
+
+- `KubeUnavailable`: the server did not answer usefully (connection refused, timeout, 429,
+  5xx) after the bounded retries with backoff done here; try again later.
+- `KubeRejected`: the server refused the request for good (4xx other than 404/429); a spec or
+  a Nest bug, retrying will not help.
+
+A missing object is not an error: `get` answers None and `delete` answers False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from kubernetes_asyncio import client as kclient
+from kubernetes_asyncio import config as kconfig
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+from services.provisioner import names
+
+log = logging.getLogger(__name__)
+
+_RESPONSE_TYPES = {200: "object", 201: "object", 202: "object"}
+_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class KubeError(Exception):
+    """Base class of every failure talking to a Kubernetes API server."""
+
+
+class KubeNotConfigured(KubeError):
+    """No kubeconfig is set and the process does not run inside Kubernetes."""
+
+
+class KubeUnavailable(KubeError):
+    """The API server did not answer usefully (down, overloaded, timing out); retry later."""
+
+
+class KubeRejected(KubeError):
+    """The API server refused the request; retrying the same request cannot succeed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How requests that fail transiently are retried before `KubeUnavailable` is raised."""
+
+    attempts: int = 4
+    """Tries per request, the first included."""
+    base_delay: float = 0.2
+    """Delay before the second try; doubled for each further one, with jitter."""
+    max_delay: float = 2.0
+    """Longest delay between two tries."""
+    timeout: float = 10.0
+    """Total time one try may take."""
+
+    def delay(self, attempt: int) -> float:
+        ceiling: float = min(self.max_delay, self.base_delay * 2.0**attempt)
+        jitter: float = random.uniform(0, ceiling / 2)  # noqa: S311 - jitter, not secrets
+        return ceiling / 2 + jitter
+
+
+class KubeClient:
+    """One API server, addressed with raw REST paths and JSON bodies."""
+
+    def __init__(self, api: kclient.ApiClient, *, retry: Retry | None = None) -> None:
+        self._api = api
+        self.retry = retry or Retry()
+
+    @property
+    def server(self) -> str:
+        return str(self._api.configuration.host)
+
+    @classmethod
+    async def connect(cls, kubeconfig: Path | None, *, retry: Retry | None = None) -> KubeClient:
+        """The management cluster: `kubeconfig` if set, else the in-cluster service account.
+
+        Raises `KubeNotConfigured` when neither is available.
+        """
+        configuration = kclient.Configuration()
+        try:
+            if kubeconfig is not None:
+                if not await asyncio.to_thread(kubeconfig.is_file):
+                    raise KubeNotConfigured(f"NEST_KUBECONFIG {kubeconfig} is not a readable file")
+                await kconfig.load_kube_config(
+                    config_file=str(kubeconfig), client_configuration=configuration
+                )
+            else:
+                kconfig.load_incluster_config(  # type: ignore[no-untyped-call]
+                    client_configuration=configuration
+                )
+        except ConfigException as exc:
+            if kubeconfig is None:
+                raise KubeNotConfigured(
+                    "no management cluster configured: set NEST_KUBECONFIG, or run Nest inside "
+                    "the management cluster"
+                ) from None
+            raise KubeNotConfigured(f"NEST_KUBECONFIG {kubeconfig} is not usable: {exc}") from None
+        return cls(kclient.ApiClient(configuration), retry=retry)
+
+    @classmethod
+    async def from_kubeconfig_text(cls, text: bytes, *, retry: Retry | None = None) -> KubeClient:
+        """A client for the kubeconfig document `text` (a tenant's admin kubeconfig)."""
+        configuration = kclient.Configuration()
+        document = yaml.safe_load(text)
+        await kconfig.load_kube_config_from_dict(document, client_configuration=configuration)
+        return cls(kclient.ApiClient(configuration), retry=retry)
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Sequence[tuple[str, str]] = (),
+        content_type: str = "application/json",
+    ) -> Any:
+        """One REST call, retried while the failure is transient; the decoded JSON answer."""
+        for attempt in range(self.retry.attempts):
+            try:
+                return await self._api.call_api(
+                    path,
+                    method,
+                    query_params=list(query),
+                    header_params={"Content-Type": content_type, "Accept": "application/json"},
+                    body=body,
+                    response_types_map=_RESPONSE_TYPES,
+                    auth_settings=["BearerToken"],
+                    _return_http_data_only=True,
+                    _request_timeout=self.retry.timeout,
+                )
+            except ApiException as exc:
+                if exc.status not in _TRANSIENT_STATUSES:
+                    raise _rejected(method, path, exc) from None
+                problem = f"{method} {path} answered {exc.status} {_message(exc)}"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                problem = f"{method} {path} failed: {type(exc).__name__} {exc}".rstrip()
+            if attempt + 1 < self.retry.attempts:
+                log.debug("retrying: %s", problem)
+                await asyncio.sleep(self.retry.delay(attempt))
+        raise KubeUnavailable(f"{self.server}: {problem}")
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        """The object at `path`, or None if there is none."""
+        try:
+            found: dict[str, Any] = await self.request("GET", path)
+        except KubeRejected as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found
+
+    async def list(
+        self, path: str, *, labels: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The objects of the collection at `path`, optionally only those with `labels`."""
+        query = []
+        if labels:
+            query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items())))
+        answer = await self.request("GET", path, query=query)
+        items: list[dict[str, Any]] = answer.get("items", []) if answer else []
+        return items
+
+    async def apply(self, path: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply `obj` at its resource `path` as Nest's field manager, forcing."""
+        applied: dict[str, Any] = await self.request(
+            "PATCH",
+            path,
+            body=json.loads(json.dumps(obj)),
+            query=[("fieldManager", names.FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+        return applied
+
+    async def delete(self, path: str, *, propagation: str = "Background") -> bool:
+        """Delete the object at `path`; False if it was already gone."""
+        try:
+            await self.request(
+                "DELETE",
+                path,
+                body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": propagation,
+                },
+            )
+        except KubeRejected as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def ping(self, path: str = "/version") -> dict[str, Any]:
+        """Whether the server answers at all (raises `KubeUnavailable` if not)."""
+        answer: dict[str, Any] = await self.request("GET", path)
+        return answer
+
+
+def _message(exc: ApiException) -> str:
+    raw = exc.body
+    body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    try:
+        decoded = json.loads(body) if body else {}
+    except ValueError:
+        return str(exc.reason or "")
+    if isinstance(decoded, dict) and decoded.get("message"):
+        return str(decoded["message"])[:300]
+    return str(exc.reason or "")
+
+
+def _rejected(method: str, path: str, exc: ApiException) -> KubeRejected:
+    return KubeRejected(
+        int(exc.status), f"{method} {path} answered {exc.status}: {_message(exc)}".rstrip(": ")
+    )

@@ -1,0 +1,559 @@
+"""One reconcile pass for one cluster: bring the management cluster (and the tenant's add-ons)
+to the intent, and observe how far the world got.
+
+Level-triggered and idempotent: every pass renders everything, server-side applies it (a no-op
+when nothing changed) and reads readiness from what the API server answers. Nothing here waits
+for pods: a cluster that is not Ready yet is simply passed again later by the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from libs.common.contract.cluster import ClusterEndpoint, DeleteCluster, ReconcileCluster
+from libs.common.contract.versions import UpgradeRefused, check_upgrade
+from services.provisioner import addons, kube, manifests, names, pki, status
+from services.provisioner.kube import KubeClient, KubeNotConfigured, KubeRejected, KubeUnavailable
+from services.provisioner.store import ClusterRecord
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ProvisionerConfig:
+    """How the provisioner renders and reaches clusters (from `Settings`)."""
+
+    kubeconfig: Path | None = None
+    """The management cluster's kubeconfig; None: in-cluster config."""
+    image_registry: str = "registry.k8s.io"
+    renew_before: timedelta = pki.RENEW_BEFORE
+    management_dns_domain: str = "cluster.local"
+    node_address: str | None = None
+    """Endpoint host of NodePort clusters."""
+    retry: kube.Retry = field(default_factory=kube.Retry)
+    """Retries of management-cluster requests."""
+    tenant_retry: kube.Retry = field(default_factory=lambda: kube.Retry(attempts=1, timeout=5.0))
+    """Retries of tenant requests: one try per pass, the next pass is the retry."""
+    delete_timeout_seconds: float = 120.0
+    """How long a delete waits for the namespace to disappear before trying again later."""
+    tenant_credential_lifetime: timedelta = timedelta(hours=1)
+    """Lifetime of the admin certificate the provisioner uses on tenant APIs."""
+
+
+class ManagementCluster:
+    """The management cluster's client, connected on first use."""
+
+    def __init__(self, config: ProvisionerConfig) -> None:
+        self.config = config
+        self._client: KubeClient | None = None
+        self._lock = asyncio.Lock()
+
+    async def client(self) -> KubeClient:
+        """The client; raises `KubeNotConfigured` while no management cluster is configured."""
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    self._client = await KubeClient.connect(
+                        self.config.kubeconfig, retry=self.config.retry
+                    )
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+@dataclass
+class _Tenant:
+    client: KubeClient
+    server: str
+    ca_pem: bytes
+    renew_at: datetime
+
+
+class TenantClients:
+    """Admin clients of tenant APIs, each with a short-lived certificate from the cluster CA."""
+
+    def __init__(self, config: ProvisionerConfig, clock: Clock) -> None:
+        self.config = config
+        self.clock = clock
+        self._clients: dict[str, _Tenant] = {}
+
+    async def client(
+        self, intent: ReconcileCluster, server: str, ca_secret: Mapping[str, bytes]
+    ) -> KubeClient:
+        now = self.clock()
+        cached = self._clients.get(intent.cluster_id)
+        ca_pem = ca_secret[pki.TLS_CRT]
+        if (
+            cached is not None
+            and cached.server == server
+            and cached.ca_pem == ca_pem
+            and now < cached.renew_at
+        ):
+            return cached.client
+        await self.forget(intent.cluster_id)
+        issued = pki.issue_admin_kubeconfig(
+            ca_secret,
+            cluster_name=intent.name,
+            server_url=server,
+            requester="provisioner",
+            now=now,
+            lifetime=self.config.tenant_credential_lifetime,
+        )
+        client = await KubeClient.from_kubeconfig_text(
+            issued.kubeconfig, retry=self.config.tenant_retry
+        )
+        renew_at = issued.expires_at - self.config.tenant_credential_lifetime / 4
+        self._clients[intent.cluster_id] = _Tenant(client, server, ca_pem, renew_at)
+        return client
+
+    async def forget(self, cluster_id: str) -> None:
+        cached = self._clients.pop(cluster_id, None)
+        if cached is not None:
+            await cached.client.close()
+
+    async def close(self) -> None:
+        for cluster_id in list(self._clients):
+            await self.forget(cluster_id)
+
+
+def secret_hash(data: Mapping[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(data):
+        digest.update(key.encode() + b"\0" + data[key] + b"\0")
+    return digest.hexdigest()
+
+
+def _decode(secret: Mapping[str, Any]) -> dict[str, bytes]:
+    return {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
+
+
+def _annotations(obj: Mapping[str, Any] | None) -> Mapping[str, str]:
+    if not obj:
+        return {}
+    found: Mapping[str, str] = obj.get("metadata", {}).get("annotations") or {}
+    return found
+
+
+def statefulset_ready(obj: Mapping[str, Any], replicas: int) -> tuple[bool, str]:
+    """Whether every etcd member runs the current revision and is ready."""
+    observed = obj.get("status") or {}
+    generation = obj.get("metadata", {}).get("generation")
+    if generation is not None and observed.get("observedGeneration", 0) < generation:
+        return False, "the etcd StatefulSet has not picked up its latest change yet"
+    ready = int(observed.get("readyReplicas", 0))
+    updated = int(observed.get("updatedReplicas", 0))
+    if ready < replicas or updated < replicas:
+        return False, f"{min(ready, updated)}/{replicas} etcd members ready on the current revision"
+    return True, f"{ready}/{replicas} etcd members ready"
+
+
+def deployment_rolled_out(obj: Mapping[str, Any], replicas: int) -> tuple[bool, str]:
+    """Whether the control-plane Deployment finished rolling out with every replica available."""
+    observed = obj.get("status") or {}
+    generation = obj.get("metadata", {}).get("generation")
+    if generation is not None and observed.get("observedGeneration", 0) < generation:
+        return False, "the control-plane Deployment has not picked up its latest change yet"
+    updated = int(observed.get("updatedReplicas", 0))
+    available = int(observed.get("availableReplicas", 0))
+    total = int(observed.get("replicas", 0))
+    if updated < replicas or available < replicas or total > replicas:
+        return False, (
+            f"control plane rolling out: {updated}/{replicas} updated, "
+            f"{available}/{replicas} available"
+        )
+    return True, f"{available}/{replicas} control-plane replicas available"
+
+
+def endpoint_of(
+    intent: ReconcileCluster, service: Mapping[str, Any] | None, node_address: str | None
+) -> tuple[ClusterEndpoint | None, str, str]:
+    """The endpoint the Service offers now, or None with a reason and message why not yet."""
+    if service is None:
+        return None, "ServiceMissing", f"Service {names.API_SERVICE} does not exist yet"
+    spec = service.get("spec") or {}
+    if intent.spec.network.service_type == "NodePort":
+        if spec.get("type") != "NodePort":
+            return None, "ServiceTypeChanging", "the Service is changing to NodePort"
+        if not node_address:
+            return (
+                None,
+                "NodeAddressUnset",
+                (
+                    "NodePort clusters need a node address: set NEST_NODE_ADDRESS to an address "
+                    "of a management-cluster node that workers can reach"
+                ),
+            )
+        for port in spec.get("ports", []):
+            if port.get("name") == "https" and port.get("nodePort"):
+                return ClusterEndpoint(host=node_address, port=int(port["nodePort"])), "", ""
+        return None, "NodePortPending", "the Service has no NodePort assigned yet"
+    if spec.get("type") != "LoadBalancer":
+        return None, "ServiceTypeChanging", "the Service is changing to LoadBalancer"
+    for ingress in (service.get("status") or {}).get("loadBalancer", {}).get("ingress") or []:
+        host = ingress.get("ip") or ingress.get("hostname")
+        if host:
+            return ClusterEndpoint(host=str(host), port=names.API_PORT), "", ""
+    return (
+        None,
+        "WaitingForLoadBalancer",
+        (f"the load balancer has not given Service {names.API_SERVICE} an address yet"),
+    )
+
+
+def _live_node_port(service: Mapping[str, Any] | None) -> int | None:
+    if not service or (service.get("spec") or {}).get("type") != "NodePort":
+        return None
+    for port in service["spec"].get("ports", []):
+        if port.get("name") == "https" and port.get("nodePort"):
+            node_port = int(port["nodePort"])
+            if manifests.NODE_PORT_MIN <= node_port <= manifests.NODE_PORT_MAX:
+                return node_port
+    return None
+
+
+class Reconciler:
+    """Reconcile and delete passes against the management cluster and tenant APIs."""
+
+    def __init__(self, config: ProvisionerConfig, clock: Clock = utcnow) -> None:
+        self.config = config
+        self.clock = clock
+        self.management = ManagementCluster(config)
+        self.tenants = TenantClients(config, clock)
+
+    async def close(self) -> None:
+        await self.tenants.close()
+        await self.management.close()
+
+    async def reconcile(
+        self, intent: ReconcileCluster, record: ClusterRecord
+    ) -> status.Observation:
+        """One pass; updates `record` (applied, upgrade_from, endpoint) as a side effect."""
+        observation = status.Observation(
+            intent.cluster_id, intent.generation, was_ready=record.was_ready
+        )
+        try:
+            client = await self.management.client()
+        except KubeNotConfigured as exc:
+            observation.not_configured = True
+            observation.set(status.MANAGEMENT, False, "NotConfigured", str(exc))
+            observation.unknown_from(
+                status.PKI, "ManagementClusterUnavailable", "waiting for a management cluster"
+            )
+            return observation
+        try:
+            await self._reconcile(client, intent, record, observation)
+        except KubeUnavailable as exc:
+            observation.checks.clear()
+            observation.set(
+                status.MANAGEMENT,
+                False,
+                "Unavailable",
+                f"the management cluster's API does not answer; retrying: {exc}",
+            )
+            observation.unknown_from(
+                status.PKI, "ManagementClusterUnavailable", "waiting for the management API"
+            )
+        except KubeRejected as exc:
+            observation.failure = ("Rejected", f"the management cluster refused a change: {exc}")
+            observation.unknown_from(status.PKI, "Rejected", str(exc))
+        return observation
+
+    async def _reconcile(
+        self,
+        client: KubeClient,
+        intent: ReconcileCluster,
+        record: ClusterRecord,
+        observation: status.Observation,
+    ) -> None:
+        namespace = names.namespace_for(intent.name)
+        deployment_path = (
+            f"/apis/apps/v1/namespaces/{namespace}/deployments/{names.CONTROL_PLANE_DEPLOYMENT}"
+        )
+        service_path = f"/api/v1/namespaces/{namespace}/services/{names.API_SERVICE}"
+        live_deployment, live_service = await asyncio.gather(
+            client.get(deployment_path), client.get(service_path)
+        )
+        observation.set(status.MANAGEMENT, True, "Available", f"{client.server} answers")
+
+        deployed = _annotations(live_deployment).get(manifests.VERSION_ANNOTATION)
+        target = intent.spec.kubernetes_version
+        if deployed and deployed != target:
+            try:
+                check_upgrade(deployed, target)
+            except UpgradeRefused as exc:
+                observation.failure = (
+                    "UpgradeRefused",
+                    f"{exc}; the control plane keeps running {deployed}",
+                )
+                observation.unknown_from(status.PKI, "UpgradeRefused", str(exc))
+                return
+            record.upgrade_from = deployed
+
+        endpoint, _, _ = endpoint_of(intent, live_service, self.config.node_address)
+        base = manifests.RenderSettings(
+            image_registry=self.config.image_registry,
+            node_port=_live_node_port(live_service),
+            endpoint_host=endpoint.host if endpoint else None,
+        )
+        namespace_object = manifests.namespace(intent)
+        await client.apply(manifests.resource_path(namespace_object), namespace_object)
+        record.applied = True
+
+        secrets = await self._reconcile_pki(client, intent, endpoint, base, observation)
+        hashes = {name: secret_hash(data) for name, data in secrets.items()}
+        render = manifests.RenderSettings(
+            image_registry=base.image_registry,
+            node_port=base.node_port,
+            endpoint_host=base.endpoint_host,
+            secret_hashes=hashes,
+        )
+        applied: dict[tuple[str, str], dict[str, Any]] = {}
+        for obj in manifests.render_cluster(intent, render)[1:]:
+            answer = await client.apply(manifests.resource_path(obj), obj)
+            applied[(obj["kind"], obj["metadata"]["name"])] = answer
+
+        ok, message = statefulset_ready(
+            applied[("StatefulSet", names.ETCD_STATEFULSET)], intent.spec.datastore.replicas
+        )
+        observation.set(
+            status.DATASTORE, ok, "MembersReady" if ok else "WaitingForMembers", message
+        )
+        datastore_ok = ok
+
+        ok, message = deployment_rolled_out(
+            applied[("Deployment", names.CONTROL_PLANE_DEPLOYMENT)],
+            intent.spec.control_plane.replicas,
+        )
+        control_plane_ok = ok and datastore_ok
+        if ok and not datastore_ok:
+            message = f"{message}; waiting for etcd"
+        observation.set(
+            status.CONTROL_PLANE,
+            control_plane_ok,
+            "RolledOut" if control_plane_ok else "RollingOut",
+            message,
+        )
+        if record.upgrade_from is not None:
+            if control_plane_ok:
+                log.info(
+                    "cluster upgraded",
+                    extra={"clusterId": intent.cluster_id, "from": record.upgrade_from},
+                )
+                record.upgrade_from = None
+            else:
+                observation.upgrading = True
+
+        seen, reason, message = endpoint_of(
+            intent, applied[("Service", names.API_SERVICE)], self.config.node_address
+        )
+        if seen is not None and seen != endpoint:
+            # Certificates and the advertise address were rendered for another address.
+            observation.set(status.ENDPOINT, False, "EndpointChanged", f"now at {seen.url}")
+            endpoint = None
+        elif seen is None:
+            observation.set(status.ENDPOINT, False, reason, message)
+        else:
+            observation.set(status.ENDPOINT, True, "Assigned", seen.url)
+        observation.endpoint = seen
+        record.endpoint = seen
+
+        if endpoint is None or not control_plane_ok:
+            observation.set(
+                status.ADDONS,
+                False,
+                "WaitingForControlPlane",
+                "add-ons are installed once the control plane is ready at its endpoint",
+            )
+            return
+        await self._reconcile_addons(intent, endpoint, secrets[names.SECRET_CA], observation)
+
+    async def _reconcile_pki(
+        self,
+        client: KubeClient,
+        intent: ReconcileCluster,
+        endpoint: ClusterEndpoint | None,
+        render: manifests.RenderSettings,
+        observation: status.Observation,
+    ) -> dict[str, dict[str, bytes]]:
+        namespace = names.namespace_for(intent.name)
+        labels = manifests.cluster_labels(intent, manifests.COMPONENT_PKI)
+        listed = await client.list(
+            f"/api/v1/namespaces/{namespace}/secrets",
+            labels={
+                names.CLUSTER_ID_LABEL: intent.cluster_id,
+                names.COMPONENT_LABEL: manifests.COMPONENT_PKI,
+            },
+        )
+        existing = {item["metadata"]["name"]: _decode(item) for item in listed}
+        inputs = pki.PKIInputs.for_cluster(
+            intent.name,
+            intent.spec,
+            endpoint_hosts=[endpoint.host] if endpoint else [],
+            management_dns_domain=self.config.management_dns_domain,
+            apiserver_port=manifests.apiserver_port(intent, render),
+        )
+        result = await asyncio.to_thread(
+            pki.reconcile_pki,
+            existing,
+            inputs,
+            now=self.clock(),
+            renew_before=self.config.renew_before,
+        )
+        to_write = [
+            name
+            for name, data in result.secrets.items()
+            if name in result.report.changed or existing.get(name) != data
+        ]
+        await asyncio.gather(
+            *(
+                self._apply_secret(client, namespace, name, result.secrets[name], labels)
+                for name in to_write
+            )
+        )
+        message = "every certificate is current"
+        if result.report.changes:
+            message = "; ".join(
+                f"{change.name} {change.action} ({change.reason})"
+                for change in result.report.changes
+            )[:1000]
+        if result.report.expiring_cas:
+            message = (
+                f"CA {', '.join(result.report.expiring_cas)} expires soon and needs a rotation"
+            )
+        observation.set(status.PKI, True, "Issued", message)
+        return result.secrets
+
+    @staticmethod
+    async def _apply_secret(
+        client: KubeClient,
+        namespace: str,
+        name: str,
+        data: Mapping[str, bytes],
+        labels: Mapping[str, str],
+    ) -> None:
+        obj = manifests.secret(
+            namespace, name, data, pki.SECRET_TYPES[name] == pki.SECRET_TYPE_TLS, labels
+        )
+        await client.apply(manifests.resource_path(obj), obj)
+
+    async def _reconcile_addons(
+        self,
+        intent: ReconcileCluster,
+        endpoint: ClusterEndpoint,
+        ca_secret: Mapping[str, bytes],
+        observation: status.Observation,
+    ) -> None:
+        objects = addons.render_addons(
+            intent,
+            addons.AddonInputs(
+                endpoint_host=endpoint.host,
+                endpoint_port=endpoint.port,
+                ca_pem=ca_secret[pki.TLS_CRT],
+                image_registry=self.config.image_registry,
+            ),
+        )
+        try:
+            tenant = await self.tenants.client(intent, endpoint.url, ca_secret)
+            await tenant.ping()
+            await apply_in_order(tenant, objects)
+        except KubeUnavailable as exc:
+            observation.set(
+                status.ADDONS,
+                False,
+                "TenantAPIUnavailable",
+                f"waiting for the cluster's API at {endpoint.url}: {exc}",
+            )
+            return
+        except KubeRejected as exc:
+            observation.set(status.ADDONS, False, "Rejected", f"the tenant API refused: {exc}")
+            return
+        observation.set(status.ADDONS, True, "Applied", f"{len(objects)} tenant objects applied")
+
+    async def delete(self, intent: DeleteCluster) -> None:
+        """Delete the cluster's namespace and wait until it is gone.
+
+        Raises `KubeUnavailable` when the API does not answer or the namespace is still
+        terminating at the deadline, and `KubeNotConfigured` without a management cluster.
+        """
+        client = await self.management.client()
+        await self.tenants.forget(intent.cluster_id)
+        path = f"/api/v1/namespaces/{names.namespace_for(intent.name)}"
+        await client.delete(path)
+        deadline = time.monotonic() + self.config.delete_timeout_seconds
+        pause = 0.05
+        while await client.get(path) is not None:
+            if time.monotonic() > deadline:
+                raise KubeUnavailable(f"namespace {path} is still terminating")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+    async def admin_kubeconfig(
+        self, record: ClusterRecord, requester: str, lifetime: timedelta
+    ) -> pki.IssuedKubeconfig:
+        """A short-lived admin kubeconfig for the cluster of `record`, signed by its CA.
+
+        Raises `LookupError` when the CA Secret does not exist, `KubeNotConfigured` /
+        `KubeUnavailable` when the management cluster cannot be asked, and the PKI errors.
+        """
+        if record.endpoint is None:
+            raise KubeUnavailable("the cluster has no endpoint yet")
+        client = await self.management.client()
+        namespace = names.namespace_for(record.name)
+        found = await client.get(f"/api/v1/namespaces/{namespace}/secrets/{names.SECRET_CA}")
+        if found is None:
+            raise LookupError(f"cluster {record.name!r} has no CA yet")
+        return pki.issue_admin_kubeconfig(
+            _decode(found),
+            cluster_name=record.name,
+            server_url=record.endpoint.url,
+            requester=requester,
+            now=self.clock(),
+            lifetime=lifetime,
+        )
+
+    async def remove_leftovers(self, record: ClusterRecord) -> bool:
+        """Delete the namespace of a cluster whose deletion is confirmed; True if it existed."""
+        client = await self.management.client()
+        return await client.delete(f"/api/v1/namespaces/{names.namespace_for(record.name)}")
+
+    async def labelled_namespaces(self) -> list[tuple[str, str]]:
+        """(namespace, cluster id) of every namespace Nest labelled for a cluster."""
+        client = await self.management.client()
+        found = await client.list(
+            "/api/v1/namespaces", labels={names.MANAGED_BY_LABEL: names.MANAGED_BY}
+        )
+        result = []
+        for item in found:
+            labels = item.get("metadata", {}).get("labels") or {}
+            if names.CLUSTER_ID_LABEL in labels:
+                result.append((item["metadata"]["name"], labels[names.CLUSTER_ID_LABEL]))
+        return result
+
+
+_CLUSTER_SCOPED = frozenset({"ClusterRole", "ClusterRoleBinding", "Namespace"})
+
+
+async def apply_in_order(client: KubeClient, objects: Sequence[Mapping[str, Any]]) -> None:
+    """Cluster-scoped objects first, then the rest; each group concurrently."""
+    first = [obj for obj in objects if obj["kind"] in _CLUSTER_SCOPED]
+    rest = [obj for obj in objects if obj["kind"] not in _CLUSTER_SCOPED]
+    for group in (first, rest):
+        await asyncio.gather(*(client.apply(manifests.resource_path(obj), obj) for obj in group))

@@ -1,0 +1,378 @@
+"""The provisioner service: intent consumer, status publisher, follow-up and resync loops, and
+the kubeconfig request handler. Transport stays thin; the work is in `reconciler`.
+
+- Intents (`nest.intent.provisioner.reconcile|delete`) arrive on one durable consumer. A
+  reconcile intent is recorded (the last intent per cluster, in the `nest_provisioner_clusters`
+  bucket), passed once, and acked; a cluster that is not Ready yet is then passed again by a
+  follow-up task until it is. A delete intent is acked only after the namespace is gone and
+  `ClusterDeleted` was published.
+- A status event is published at every transition (phase, conditions, endpoint), never twice
+  for the same state.
+- The resync, run by the one replica that holds the `resync` lease, passes every known cluster
+  again (recreating what was deleted behind Nest's back), finishes interrupted deletions,
+  removes leftovers of clusters whose deletion is confirmed, and reports, without touching,
+  namespaces labelled for clusters it has no record of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from libs.common.bus import Bus, Consumer, ConsumerSpec, Delivery, Reject, RpcError
+from libs.common.contract import INTENTS_STREAM, Envelope, UnknownMessageType, parse_payload
+from libs.common.contract.cluster import ClusterDeleted, DeleteCluster, ReconcileCluster
+from libs.common.contract.kubeconfig import (
+    KUBECONFIG_RPC_SUBJECT,
+    KubeconfigIssued,
+    KubeconfigRequest,
+)
+from libs.common.logging import correlation_id
+from libs.common.runner import instance_name
+from libs.common.settings import Settings
+from libs.common.tasks import TaskSet
+from services.provisioner import kube, pki, status
+from services.provisioner.kube import KubeError, KubeNotConfigured
+from services.provisioner.reconciler import Clock, ProvisionerConfig, Reconciler, utcnow
+from services.provisioner.store import ClusterRecord, ClusterStore, Leases
+
+log = logging.getLogger(__name__)
+
+SOURCE = "provisioner"
+DURABLE = "provisioner"
+RESYNC_LEASE = "resync"
+
+
+def config_from_settings(settings: Settings) -> ProvisionerConfig:
+    retry = kube.Retry(attempts=settings.kube_retry_attempts, timeout=settings.kube_timeout_seconds)
+    return ProvisionerConfig(
+        kubeconfig=settings.kubeconfig,
+        image_registry=settings.image_registry,
+        renew_before=timedelta(days=settings.pki_renew_before_days),
+        management_dns_domain=settings.management_dns_domain,
+        node_address=settings.node_address,
+        retry=retry,
+    )
+
+
+class ProvisionerService:
+    """Hosted control planes in the management cluster, driven by intents."""
+
+    name = "provisioner"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config: ProvisionerConfig | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.reconciler = Reconciler(config or config_from_settings(settings), clock)
+        self.instance = instance_name(settings)
+        self.poll_interval = settings.poll_interval_seconds
+        self.resync_interval = settings.resync_interval_seconds
+        self._tasks = TaskSet()
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._followers: dict[str, asyncio.Task[None]] = {}
+        self._passes = asyncio.Semaphore(settings.reconcile_concurrency)
+        self._consumer: Consumer | None = None
+        self._rpc: Any = None
+        self._bus: Bus | None = None
+        self._store: ClusterStore | None = None
+        self._leases: Leases | None = None
+        self._stopping = False
+        self.passes = 0
+
+    # Lifecycle
+
+    @property
+    def bus(self) -> Bus:
+        if self._bus is None:
+            raise RuntimeError("the provisioner is not started")
+        return self._bus
+
+    @property
+    def store(self) -> ClusterStore:
+        if self._store is None:
+            raise RuntimeError("the provisioner is not started")
+        return self._store
+
+    async def start(self, bus: Bus) -> None:
+        self._bus = bus
+        self._store = await ClusterStore.open(bus)
+        self._leases = await Leases.open(bus, ttl_seconds=max(3 * self.resync_interval, 5.0))
+        spec = ConsumerSpec(
+            stream=INTENTS_STREAM,
+            durable=DURABLE,
+            filter_subject="nest.intent.provisioner.>",
+            service=SOURCE,
+            max_deliver=self.settings.max_deliver,
+            # A delete waits for the namespace to go, which may take a while.
+            ack_wait_seconds=self.reconciler.config.delete_timeout_seconds + 30,
+            concurrency=self.settings.reconcile_concurrency,
+        )
+        self._consumer = bus.consumer(spec, self.handle)
+        self._tasks.spawn("intents", self._consumer.run())
+        self._rpc = await bus.serve(KUBECONFIG_RPC_SUBJECT, self.kubeconfig, queue=DURABLE)
+        self._tasks.spawn("resync", self._resync_loop())
+
+    async def stop(self, timeout: float) -> None:
+        self._stopping = True
+        if self._consumer is not None:
+            await self._consumer.drain(timeout)
+        if self._rpc is not None:
+            with contextlib.suppress(Exception):
+                await self._rpc.unsubscribe()
+        for task in list(self._followers.values()):
+            task.cancel()
+        if self._followers:
+            await asyncio.wait(list(self._followers.values()), timeout=2.0)
+        try:
+            await self._tasks.stop(2.0)
+        finally:
+            await self.reconciler.close()
+
+    async def ready(self) -> dict[str, bool]:
+        return {"intents": self._tasks.alive("intents")}
+
+    # Intents
+
+    async def handle(self, envelope: Envelope, delivery: Delivery) -> None:
+        """Route one intent; malformed ones go to the dead-letter stream at once."""
+        try:
+            payload = parse_payload(envelope)
+        except (UnknownMessageType, ValidationError) as exc:
+            raise Reject(f"not a provisioner intent: {exc}") from None
+        if isinstance(payload, ReconcileCluster):
+            await self.on_reconcile(payload)
+        elif isinstance(payload, DeleteCluster):
+            await self.on_delete(payload)
+        else:
+            raise Reject(f"{envelope.type} is not a provisioner intent")
+
+    async def on_reconcile(self, intent: ReconcileCluster) -> None:
+        async with self._locks[intent.cluster_id]:
+            record = await self.store.get(intent.cluster_id)
+            if record is None:
+                record = ClusterRecord(cluster_id=intent.cluster_id, name=intent.name)
+            if record.delete_requested or record.deleted:
+                log.info("ignoring reconcile of a deleted cluster", extra=_ids(intent))
+                return
+            if record.intent is not None and record.intent.generation > intent.generation:
+                log.info("ignoring a stale reconcile intent", extra=_ids(intent))
+                return
+            record.intent = intent
+            record.name = intent.name
+            record.generation = intent.generation
+            await self.store.put(record)
+            done = await self._pass(record)
+        if not done:
+            self._follow(intent.cluster_id)
+
+    async def on_delete(self, intent: DeleteCluster) -> None:
+        async with self._locks[intent.cluster_id]:
+            record = await self.store.get(intent.cluster_id)
+            if record is None:
+                record = ClusterRecord(cluster_id=intent.cluster_id, name=intent.name)
+            if not record.delete_requested:
+                record.delete_requested = True
+                record.generation = max(record.generation, intent.generation)
+                await self.store.put(record)
+            await self._finish_delete(record)
+        follower = self._followers.pop(intent.cluster_id, None)
+        if follower is not None:
+            follower.cancel()
+
+    async def _finish_delete(self, record: ClusterRecord) -> None:
+        """Delete the cluster's objects (unless done), record the tombstone, report it gone."""
+        if not record.deleted:
+            intent = DeleteCluster(
+                cluster_id=record.cluster_id, name=record.name, generation=max(1, record.generation)
+            )
+            try:
+                await self.reconciler.delete(intent)
+            except KubeNotConfigured:
+                if record.applied:
+                    raise
+                # Nothing can have been created without a management cluster.
+            record.deleted = True
+            record.intent = None
+            await self.store.put(record)
+            log.info("cluster deleted", extra={"clusterId": record.cluster_id})
+        await self.bus.publish(
+            ClusterDeleted(cluster_id=record.cluster_id, observed_generation=record.generation),
+            source=SOURCE,
+            subject=record.cluster_id,
+        )
+
+    # Passes
+
+    async def _pass(self, record: ClusterRecord) -> bool:
+        """Reconcile `record` once (the caller holds its lock); True when nothing is left."""
+        assert record.intent is not None
+        before = record.model_dump_json()
+        async with self._passes:
+            observation = await self.reconciler.reconcile(record.intent, record)
+        self.passes += 1
+        event = status.build_status(observation, record.conditions, self.clock())
+        digest = hashlib.sha256(repr(status.fingerprint(event)).encode()).hexdigest()
+        if event.phase == "Ready":
+            record.was_ready = True
+        if digest != record.reported:
+            record.conditions = event.conditions
+            record.reported = digest
+            await self.bus.publish(
+                event,
+                source=SOURCE,
+                subject=record.cluster_id,
+                correlation=correlation_id.get(),
+            )
+            log.info(
+                "cluster %s is %s",
+                record.name,
+                event.phase,
+                extra={"clusterId": record.cluster_id, "reason": event.reason},
+            )
+        if record.model_dump_json() != before:
+            await self.store.put(record)
+        return event.phase in ("Ready", "Failed")
+
+    def _follow(self, cluster_id: str) -> None:
+        if self._stopping or cluster_id in self._followers:
+            return
+        task = asyncio.create_task(self._follow_up(cluster_id), name=f"follow-{cluster_id}")
+        self._followers[cluster_id] = task
+
+    async def _follow_up(self, cluster_id: str) -> None:
+        """Pass a cluster again, with growing pauses, until it is Ready or Failed."""
+        delay = self.poll_interval
+        longest = max(self.poll_interval, min(self.resync_interval, 30.0))
+        try:
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                async with self._locks[cluster_id]:
+                    record = await self.store.get(cluster_id)
+                    if record is None or record.delete_requested or record.intent is None:
+                        return
+                    done = await self._pass(record)
+                if done:
+                    return
+                delay = min(delay * 1.5, longest)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("follow-up of cluster %s failed; the resync takes over", cluster_id)
+        finally:
+            if self._followers.get(cluster_id) is asyncio.current_task():
+                del self._followers[cluster_id]
+
+    # Resync
+
+    async def _resync_loop(self) -> None:
+        assert self._leases is not None
+        while True:
+            await asyncio.sleep(self.resync_interval)
+            try:
+                if await self._leases.hold(RESYNC_LEASE, self.instance):
+                    await self.resync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("resync failed; trying again next interval")
+
+    async def resync(self) -> None:
+        """Pass every known cluster again; heal drift, finish deletions, report orphans."""
+        ids = await self.store.ids()
+        results = await asyncio.gather(
+            *(self._resync_one(cluster_id) for cluster_id in ids), return_exceptions=True
+        )
+        for cluster_id, result in zip(ids, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("resync of cluster %s failed: %s", cluster_id, result)
+        try:
+            labelled = await self.reconciler.labelled_namespaces()
+        except KubeError as exc:
+            log.warning("resync could not list namespaces: %s", exc)
+            return
+        known = set(ids)
+        for namespace, cluster_id in labelled:
+            if cluster_id not in known:
+                log.warning(
+                    "namespace %s is labelled for cluster %s, which the provisioner has no "
+                    "record of; leaving it alone (no confirmed deletion)",
+                    namespace,
+                    cluster_id,
+                )
+
+    async def _resync_one(self, cluster_id: str) -> None:
+        async with self._locks[cluster_id]:
+            record = await self.store.get(cluster_id)
+            if record is None:
+                return
+            if record.deleted:
+                with contextlib.suppress(KubeNotConfigured):
+                    if await self.reconciler.remove_leftovers(record):
+                        log.warning(
+                            "removed leftovers of deleted cluster %s",
+                            record.name,
+                            extra={"clusterId": cluster_id},
+                        )
+                return
+            if record.delete_requested:
+                await self._finish_delete(record)
+                return
+            if record.intent is None:
+                return
+            done = await self._pass(record)
+        if not done:
+            self._follow(cluster_id)
+
+    # Kubeconfigs
+
+    async def kubeconfig(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`nest.rpc.provisioner.kubeconfig`: sign a short-lived admin kubeconfig."""
+        try:
+            request = KubeconfigRequest.model_validate(body)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise RpcError("invalid", problems) from None
+        record = await self.store.get(request.cluster_id)
+        if (
+            record is None
+            or record.delete_requested
+            or (request.name is not None and request.name != record.name)
+        ):
+            raise RpcError("not-found", f"no cluster {request.cluster_id}")
+        try:
+            issued = await self.reconciler.admin_kubeconfig(
+                record, request.requester, timedelta(seconds=request.ttl_seconds)
+            )
+        except LookupError as exc:
+            raise RpcError("not-found", str(exc)) from None
+        except (pki.InvalidPKIInputError, pki.LifetimeTooLongError) as exc:
+            raise RpcError("invalid", str(exc)) from None
+        except (KubeError, pki.CAUnavailableError) as exc:
+            raise RpcError("unavailable", str(exc)) from None
+        document = yaml.safe_dump(yaml.safe_load(issued.kubeconfig), sort_keys=False)
+        log.info(
+            "admin kubeconfig issued",
+            extra={"clusterId": record.cluster_id, "user": issued.user},
+        )
+        return KubeconfigIssued(kubeconfig=document, expires_at=issued.expires_at).wire()
+
+
+def _ids(intent: ReconcileCluster | DeleteCluster) -> dict[str, object]:
+    return {"clusterId": intent.cluster_id, "generation": intent.generation}

@@ -1,0 +1,133 @@
+"""The provisioner's bookkeeping in JetStream key-value buckets (it owns no database).
+
+- `nest_provisioner_clusters`: one `ClusterRecord` per cluster id: the last intent, what was
+  last reported, and, once a delete intent was carried out, a tombstone (`deleted`) that
+  confirms the cluster is gone, so leftovers labelled with its id may be removed.
+- `nest_provisioner_leases`: short-lived keys that let exactly one replica run periodic work.
+  Their bucket's max age is the lease time: a holder that dies loses its lease by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import nats.js.errors
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ConfigDict, Field
+
+from libs.common.bus import Bus
+from libs.common.contract.cluster import ClusterEndpoint, Condition, ReconcileCluster
+
+log = logging.getLogger(__name__)
+
+CLUSTERS_BUCKET = "nest_provisioner_clusters"
+LEASES_BUCKET = "nest_provisioner_leases"
+
+
+class ClusterRecord(BaseModel):
+    """What the provisioner remembers about one cluster between passes and restarts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    cluster_id: str
+    name: str
+    generation: int = 0
+    intent: ReconcileCluster | None = None
+    delete_requested: bool = False
+    """A delete intent arrived; the deletion may still be under way."""
+    deleted: bool = False
+    """A delete intent was carried out: the cluster is confirmed gone."""
+    was_ready: bool = False
+    upgrade_from: str | None = None
+    """The version a running upgrade started from; cleared once it rolled out."""
+    applied: bool = False
+    """Objects were created in the management cluster for this cluster."""
+    endpoint: ClusterEndpoint | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    reported: str = ""
+    """A digest of the last status event published, so only transitions are published."""
+
+
+class ClusterStore:
+    """`ClusterRecord`s by cluster id in the clusters bucket."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, bus: Bus) -> ClusterStore:
+        return cls(await _bucket(bus, KeyValueConfig(bucket=CLUSTERS_BUCKET, history=1)))
+
+    async def get(self, cluster_id: str) -> ClusterRecord | None:
+        try:
+            entry = await self.kv.get(cluster_id)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return ClusterRecord.model_validate_json(entry.value)
+
+    async def put(self, record: ClusterRecord) -> None:
+        await self.kv.put(record.cluster_id, record.model_dump_json().encode())
+
+    async def ids(self) -> list[str]:
+        try:
+            keys: list[str] = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        return keys
+
+
+class Leases:
+    """Named leases in the leases bucket; `hold` takes or renews one for `holder`."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, bus: Bus, ttl_seconds: float) -> Leases:
+        config = KeyValueConfig(bucket=LEASES_BUCKET, history=1, ttl=ttl_seconds)
+        return cls(await _bucket(bus, config))
+
+    async def hold(self, name: str, holder: str) -> bool:
+        """Take the lease `name`, or renew it if `holder` has it; False if someone else does."""
+        try:
+            await self.kv.create(name, holder.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        else:
+            return True
+        try:
+            entry = await self.kv.get(name)
+        except nats.js.errors.KeyNotFoundError:
+            return False  # expired between the two calls; the next round takes it
+        if entry.value is None or entry.value.decode() != holder:
+            return False
+        try:
+            await self.kv.update(name, holder.encode(), last=entry.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def release(self, name: str, holder: str) -> None:
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            entry = await self.kv.get(name)
+            if entry.value is not None and entry.value.decode() == holder:
+                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                    await self.kv.delete(name, last=entry.revision)
+
+
+async def _bucket(bus: Bus, config: KeyValueConfig) -> KeyValue:
+    js = bus.nc.jetstream()
+    config.storage = StorageType.FILE
+    try:
+        return await js.key_value(str(config.bucket))
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:
+        # Another replica created it between our two calls.
+        return await js.key_value(str(config.bucket))

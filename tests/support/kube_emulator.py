@@ -1,0 +1,568 @@
+"""A Kubernetes API emulator for tests: kmock's emulator with the apiserver semantics Nest needs.
+
+kmock 0.8 answers `/api/v1/namespaces` paths with 500, has no resourceVersion, generation or
+409 Conflict, ignores `labelSelector`, answers server-side apply on a missing object with 404,
+has no PUT, treats `/status` as a patch of the whole object, and scans every stored object on
+each request. `KubeEmulator` keeps kmock's server, discovery endpoints and request handling
+around them, and serves resource paths itself with what the provisioner relies on:
+
+- server-side apply (`application/apply-patch+yaml`) creates a missing object, else merges
+  (maps merged, lists replaced, `status` left alone), as the field manager's view would;
+- namespaces: objects may only be created in an existing, non-terminating namespace; deleting
+  a namespace makes it `Terminating`, then removes everything in it, then the namespace;
+- `metadata.uid`, `resourceVersion`, `creationTimestamp`, and `generation` bumped on every
+  `spec` change; 409 on POST of an existing object; `labelSelector` (`k=v,...`); PUT;
+  `/status` touches only `status`; NodePort allocation with 422 on a taken port;
+- faults: `fail(...)` makes matching requests answer an error status or stall, N times.
+
+`ReadinessController` plays kwok: it marks Deployments and StatefulSets rolled out and gives
+LoadBalancer Services an ingress hostname, unless paused. `TenantApis` serves every tenant's API
+over TLS with the certificates the provisioner issued (chosen by SNI), verifying client
+certificates against the cluster's CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import itertools
+import json
+import re
+import ssl
+import tempfile
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+import yaml
+
+Obj = dict[str, Any]
+
+TENANT_DOMAIN = "tenants.nest.test"
+
+
+def tenant_hostname(namespace: str) -> str:
+    """The load-balancer hostname the controller gives a cluster's endpoint Service."""
+    return f"{namespace}.{TENANT_DOMAIN}"
+
+
+@dataclass
+class Route:
+    """A parsed resource path."""
+
+    resource: str  # "v1/secrets", "apps/v1/deployments"
+    namespace: str | None
+    name: str | None
+    subresource: str | None
+
+    @property
+    def cluster_scoped(self) -> bool:
+        return self.resource in CLUSTER_SCOPED
+
+
+CLUSTER_SCOPED = {
+    "v1/namespaces",
+    "v1/nodes",
+    "rbac.authorization.k8s.io/v1/clusterroles",
+    "rbac.authorization.k8s.io/v1/clusterrolebindings",
+}
+
+
+def parse_route(path: str) -> Route | None:
+    parts = [p for p in path.strip("/").split("/") if p]
+    if len(parts) >= 2 and parts[0] == "api":
+        group_version, rest = parts[1], parts[2:]
+    elif len(parts) >= 3 and parts[0] == "apis":
+        group_version, rest = f"{parts[1]}/{parts[2]}", parts[3:]
+    else:
+        return None
+    if not rest:
+        return None
+    if rest[0] == "namespaces" and len(rest) >= 3:
+        namespace, plural, tail = rest[1], rest[2], rest[3:]
+    else:
+        namespace, plural, tail = None, rest[0], rest[1:]
+    name = tail[0] if tail else None
+    subresource = "/".join(tail[1:]) or None
+    return Route(f"{group_version}/{plural}", namespace, name, subresource)
+
+
+def merge(target: Any, patch: Any, *, nulls_delete: bool) -> Any:
+    if not isinstance(patch, dict) or not isinstance(target, dict):
+        return copy.deepcopy(patch)
+    result = dict(target)
+    for key, value in patch.items():
+        if value is None and nulls_delete:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value, nulls_delete=nulls_delete)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+@dataclass
+class Fault:
+    """Requests matching `method` and `path` (a regex searched in the path) fail `times` times."""
+
+    method: str | None
+    path: re.Pattern[str]
+    status: int | None = 500
+    delay: float = 0.0
+    times: int | None = 1
+    hits: int = 0
+
+
+class Problem(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+Hook = Callable[[str, Obj], None]
+
+
+@attrs.define(kw_only=True)
+class KubeEmulator(kmock.KubernetesEmulator):
+    """kmock's Kubernetes emulator with the semantics listed in the module docstring."""
+
+    namespace_finalize_delay: float = 0.02
+    store: dict[str, dict[str | None, dict[str, Obj]]] = attrs.field(
+        factory=lambda: defaultdict(lambda: defaultdict(dict))
+    )
+    faults: list[Fault] = attrs.field(factory=list)
+    hooks: list[Hook] = attrs.field(factory=list)
+    counts: dict[str, int] = attrs.field(factory=lambda: defaultdict(int))
+    requires_namespaces: bool = True
+    _versions: Any = attrs.field(factory=lambda: itertools.count(1))
+    _node_ports: dict[int, tuple[str | None, str]] = attrs.field(factory=dict)
+    _pending: set[asyncio.Task[None]] = attrs.field(factory=set)
+
+    # Test helpers
+
+    def fail(
+        self,
+        method: str | None,
+        path: str,
+        *,
+        status: int | None = 500,
+        delay: float = 0.0,
+        times: int | None = 1,
+    ) -> Fault:
+        fault = Fault(method.upper() if method else None, re.compile(path), status, delay, times)
+        self.faults.append(fault)
+        return fault
+
+    def get(self, resource: str, namespace: str | None, name: str) -> Obj | None:
+        return self.store[resource][namespace].get(name)
+
+    def items(self, resource: str, namespace: str | None = None) -> list[Obj]:
+        if namespace is not None:
+            return list(self.store[resource][namespace].values())
+        return [obj for bucket in self.store[resource].values() for obj in bucket.values()]
+
+    def remove(self, resource: str, namespace: str | None, name: str) -> None:
+        """Delete behind the client's back (no cascade)."""
+        self.store[resource][namespace].pop(name, None)
+
+    def touch(self, resource: str, obj: Obj) -> None:
+        """Record a change made by a test controller directly on a stored object."""
+        obj["metadata"]["resourceVersion"] = str(next(self._versions))
+
+    # Serving
+
+    async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        await raw.read()
+        route = parse_route(raw.path)
+        for fault in self.faults:
+            if fault.times is not None and fault.hits >= fault.times:
+                continue
+            if (fault.method is None or fault.method == raw.method) and fault.path.search(raw.path):
+                fault.hits += 1
+                if fault.delay:
+                    await asyncio.sleep(fault.delay)
+                if fault.status is not None:
+                    return _status(fault.status, "InjectedFault", f"injected {fault.status}")
+                break
+        if route is None:
+            return await super().__call__(raw)
+        self.counts[f"{raw.method} {route.resource}"] += 1
+        try:
+            return aiohttp.web.json_response(await self._serve(raw, route))
+        except Problem as problem:
+            return _status(problem.status, problem.reason, problem.message)
+
+    async def _serve(self, raw: aiohttp.web.BaseRequest, route: Route) -> Obj:
+        method = raw.method
+        if method == "GET" and raw.query.get("watch") in ("true", "1", "True"):
+            raise Problem(405, "MethodNotAllowed", "this emulator does not serve watches")
+        if route.name is None:
+            if method == "GET":
+                return self._list(route, raw.query.get("labelSelector", ""))
+            if method == "POST":
+                return self._create(route, await _body(raw))
+            raise Problem(405, "MethodNotAllowed", f"{method} on a collection")
+        if method == "GET":
+            return self._fetch(route)
+        if method == "DELETE":
+            return self._delete(route)
+        if method == "PUT":
+            return self._write(route, await _body(raw), mode="replace")
+        if method == "PATCH":
+            content_type = raw.headers.get("Content-Type", "")
+            mode = "apply" if "apply-patch" in content_type else "merge"
+            return self._write(route, await _body(raw), mode=mode)
+        raise Problem(405, "MethodNotAllowed", method)
+
+    def _bucket(self, route: Route) -> dict[str, Obj]:
+        return self.store[route.resource][None if route.cluster_scoped else route.namespace]
+
+    def _list(self, route: Route, selector: str) -> Obj:
+        wanted = dict(part.split("=", 1) for part in selector.split(",") if part and "=" in part)
+        if route.namespace is None and not route.cluster_scoped:
+            candidates = self.items(route.resource)
+        else:
+            candidates = list(self._bucket(route).values())
+        items = [
+            obj
+            for obj in candidates
+            if all(
+                (obj["metadata"].get("labels") or {}).get(key) == value
+                for key, value in wanted.items()
+            )
+        ]
+        return {
+            "kind": "List",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": str(next(self._versions))},
+            "items": items,
+        }
+
+    def _fetch(self, route: Route) -> Obj:
+        obj = self._bucket(route).get(str(route.name))
+        if obj is None:
+            raise _not_found(route)
+        return obj
+
+    def _check_namespace(self, route: Route) -> None:
+        if route.cluster_scoped or not self.requires_namespaces:
+            return
+        namespace = self.store["v1/namespaces"][None].get(str(route.namespace))
+        if namespace is None:
+            raise Problem(404, "NotFound", f'namespaces "{route.namespace}" not found')
+        if namespace.get("status", {}).get("phase") == "Terminating":
+            raise Problem(
+                403,
+                "Forbidden",
+                f"unable to create new content in namespace {route.namespace} because it is "
+                "being terminated",
+            )
+
+    def _create(self, route: Route, body: Obj) -> Obj:
+        name = body.get("metadata", {}).get("name")
+        if not name:
+            raise Problem(422, "Invalid", "metadata.name: Required value")
+        route = Route(route.resource, route.namespace, name, None)
+        if name in self._bucket(route):
+            raise Problem(409, "AlreadyExists", f'{route.resource} "{name}" already exists')
+        self._check_namespace(route)
+        return self._store(route, None, body)
+
+    def _write(self, route: Route, body: Obj, *, mode: str) -> Obj:
+        bucket = self._bucket(route)
+        current = bucket.get(str(route.name))
+        if route.subresource == "status":
+            if current is None:
+                raise _not_found(route)
+            updated = copy.deepcopy(current)
+            updated["status"] = merge(
+                current.get("status", {}), body.get("status", {}), nulls_delete=True
+            )
+            return self._store(route, current, updated, spec_change=False)
+        if current is None:
+            if mode != "apply":
+                raise _not_found(route)
+            self._check_namespace(route)
+            return self._store(route, None, body)
+        if mode == "replace":
+            updated = copy.deepcopy(body)
+            updated["status"] = current.get("status", {})
+        else:
+            patch = {key: value for key, value in body.items() if key != "status"}
+            updated = merge(current, patch, nulls_delete=mode == "merge")
+        return self._store(route, current, updated)
+
+    def _store(
+        self, route: Route, current: Obj | None, obj: Obj, *, spec_change: bool = True
+    ) -> Obj:
+        obj = copy.deepcopy(obj)
+        metadata = obj.setdefault("metadata", {})
+        metadata["name"] = route.name or metadata.get("name")
+        if not route.cluster_scoped:
+            metadata["namespace"] = route.namespace
+        if current is None:
+            metadata["uid"] = str(uuid.uuid4())
+            metadata["creationTimestamp"] = _now()
+            metadata["generation"] = 1
+        else:
+            for key in ("uid", "creationTimestamp", "generation", "deletionTimestamp"):
+                if key in current["metadata"]:
+                    metadata[key] = current["metadata"][key]
+            if spec_change and obj.get("spec") != current.get("spec"):
+                metadata["generation"] = int(current["metadata"].get("generation", 1)) + 1
+            if current.get("status") is not None and route.subresource != "status":
+                obj["status"] = current["status"]
+        if route.resource == "v1/services":
+            self._allocate_node_ports(route, obj)
+        if route.resource == "v1/namespaces":
+            obj.setdefault("status", {}).setdefault("phase", "Active")
+            if current is not None:
+                obj["status"] = current.get("status", obj["status"])
+        metadata["resourceVersion"] = str(next(self._versions))
+        self._bucket(route)[str(metadata["name"])] = obj
+        for hook in self.hooks:
+            hook(route.resource, obj)
+        return obj
+
+    def _allocate_node_ports(self, route: Route, obj: Obj) -> None:
+        spec = obj.get("spec", {})
+        owner = (route.namespace, str(route.name or obj["metadata"]["name"]))
+        for port, used in list(self._node_ports.items()):
+            if used == owner:
+                del self._node_ports[port]
+        if spec.get("type") not in ("NodePort", "LoadBalancer"):
+            for port in spec.get("ports", []):
+                port.pop("nodePort", None)
+            return
+        for port in spec.get("ports", []):
+            wanted = port.get("nodePort")
+            if wanted is not None and self._node_ports.get(wanted, owner) != owner:
+                raise Problem(
+                    422,
+                    "Invalid",
+                    f"spec.ports.nodePort: Invalid value: {wanted}: provided port is already "
+                    "allocated",
+                )
+            if wanted is None:
+                wanted = next(p for p in range(30000, 32768) if p not in self._node_ports)
+                port["nodePort"] = wanted
+            self._node_ports[int(wanted)] = owner
+
+    def _delete(self, route: Route) -> Obj:
+        bucket = self._bucket(route)
+        obj = bucket.get(str(route.name))
+        if obj is None:
+            raise _not_found(route)
+        if route.resource == "v1/namespaces":
+            if obj["status"].get("phase") != "Terminating":
+                obj["status"]["phase"] = "Terminating"
+                obj["metadata"]["deletionTimestamp"] = _now()
+                self.touch(route.resource, obj)
+                task = asyncio.get_running_loop().create_task(
+                    self._finalize_namespace(str(route.name))
+                )
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+            return obj
+        del bucket[str(route.name)]
+        if route.resource == "v1/services":
+            owner = (route.namespace, str(route.name))
+            for port, used in list(self._node_ports.items()):
+                if used == owner:
+                    del self._node_ports[port]
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Success",
+            "details": {"name": route.name},
+        }
+
+    async def _finalize_namespace(self, name: str) -> None:
+        await asyncio.sleep(self.namespace_finalize_delay)
+        for resource, buckets in self.store.items():
+            if resource != "v1/namespaces":
+                buckets.pop(name, None)
+        for port, (namespace, _) in list(self._node_ports.items()):
+            if namespace == name:
+                del self._node_ports[port]
+        self.store["v1/namespaces"][None].pop(name, None)
+
+
+async def _body(raw: aiohttp.web.BaseRequest) -> Obj:
+    text = await raw.text()
+    if not text:
+        return {}
+    loaded = yaml.safe_load(text)  # JSON is YAML; apply patches may be either
+    if not isinstance(loaded, dict):
+        raise Problem(400, "BadRequest", "the body is not an object")
+    return loaded
+
+
+def _not_found(route: Route) -> Problem:
+    plural = route.resource.rsplit("/", 1)[-1]
+    return Problem(404, "NotFound", f'{plural} "{route.name}" not found')
+
+
+def _status(code: int, reason: str, message: str) -> aiohttp.web.Response:
+    return aiohttp.web.json_response(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "code": code,
+            "reason": reason,
+            "message": message,
+        },
+        status=code,
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class ReadinessController:
+    """Plays kwok: rolls out workloads and gives LoadBalancer Services an ingress, at once.
+
+    While `paused`, nothing changes; `resume()` catches up with everything stored.
+    """
+
+    emulator: KubeEmulator
+    paused: bool = False
+    ingress_ip: str | None = None
+    """Give load balancers this IP instead of a `<namespace>.tenants.nest.test` hostname."""
+
+    def __post_init__(self) -> None:
+        self.emulator.hooks.append(self._on_change)
+
+    def resume(self) -> None:
+        self.paused = False
+        for resource in ("apps/v1/deployments", "apps/v1/statefulsets", "v1/services"):
+            for obj in self.emulator.items(resource):
+                self._on_change(resource, obj)
+
+    def _on_change(self, resource: str, obj: Obj) -> None:
+        if self.paused:
+            return
+        if resource in ("apps/v1/deployments", "apps/v1/statefulsets"):
+            replicas = int(obj.get("spec", {}).get("replicas", 1))
+            generation = obj["metadata"].get("generation", 1)
+            obj["status"] = {
+                "observedGeneration": generation,
+                "replicas": replicas,
+                "readyReplicas": replicas,
+                "availableReplicas": replicas,
+                "updatedReplicas": replicas,
+                "currentRevision": f"rev-{generation}",
+                "updateRevision": f"rev-{generation}",
+            }
+        elif resource == "v1/services" and obj.get("spec", {}).get("type") == "LoadBalancer":
+            ingress = (
+                {"ip": self.ingress_ip}
+                if self.ingress_ip
+                else {"hostname": tenant_hostname(obj["metadata"]["namespace"])}
+            )
+            obj["status"] = {"loadBalancer": {"ingress": [ingress]}}
+        elif resource == "v1/services":
+            obj["status"] = {"loadBalancer": {}}
+
+
+@dataclass
+class TenantApis:
+    """Every tenant cluster's API on one TLS port, told apart by SNI and Host.
+
+    The server certificate and the CA that client certificates must chain to are read from
+    the management emulator's `apiserver` and `ca` Secrets of the cluster's namespace at each
+    handshake, so they follow whatever the provisioner issued.
+    """
+
+    management: KubeEmulator
+    directory: Path
+    emulators: dict[str, KubeEmulator] = field(default_factory=dict)
+    down: set[str] = field(default_factory=set)
+    """Namespaces whose tenant API refuses to answer (503)."""
+    port: int = 0
+    _contexts: dict[bytes, ssl.SSLContext] = field(default_factory=dict)
+
+    def emulator(self, namespace: str) -> KubeEmulator:
+        if namespace not in self.emulators:
+            self.emulators[namespace] = KubeEmulator(requires_namespaces=False)
+        return self.emulators[namespace]
+
+    def _secret(self, namespace: str, name: str) -> dict[str, bytes]:
+        secret = self.management.get("v1/secrets", namespace, name) or {"data": {}}
+        return {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
+
+    def _context_for(self, namespace: str) -> ssl.SSLContext | None:
+        server = self._secret(namespace, "apiserver")
+        ca = self._secret(namespace, "ca")
+        if "tls.crt" not in server or "tls.crt" not in ca:
+            return None
+        key = server["tls.crt"] + ca["tls.crt"]
+        if key not in self._contexts:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            with tempfile.NamedTemporaryFile(dir=self.directory, delete=False) as chain:
+                chain.write(server["tls.crt"] + server["tls.key"])
+            context.load_cert_chain(chain.name)
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cadata=ca["tls.crt"].decode())
+            self._contexts[key] = context
+        return self._contexts[key]
+
+    def _sni(self, sock: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> int | None:
+        if server_name and server_name.endswith(f".{TENANT_DOMAIN}"):
+            context = self._context_for(server_name.removesuffix(f".{TENANT_DOMAIN}"))
+            if context is not None:
+                sock.context = context
+                return None
+        return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+
+    async def _handle(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        host = (raw.host or "").split(":")[0]
+        namespace = host.removesuffix(f".{TENANT_DOMAIN}")
+        if namespace in self.down:
+            return _status(503, "ServiceUnavailable", "the tenant API is down")
+        return await self.emulator(namespace)(raw)
+
+    @contextlib.asynccontextmanager
+    async def serve(self) -> AsyncIterator[TenantApis]:
+        """Serve on 127.0.0.1 and route `*.tenants.nest.test` there in this process."""
+        base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        base.sni_callback = self._sni  # type: ignore[assignment]
+        server = aiohttp.web.Server(self._handle)
+        runner = aiohttp.web.ServerRunner(server)
+        await runner.setup()
+        site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0, ssl_context=base)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        pattern = re.compile(rf".*\.{re.escape(TENANT_DOMAIN)}")
+        try:
+            async with kmock.AiohttpInterceptor("127.0.0.1", self.port, pattern):
+                yield self
+        finally:
+            await runner.cleanup()
+
+
+def write_kubeconfig(path: Path, server: str) -> Path:
+    """A kubeconfig for the (plain HTTP) management emulator."""
+    document = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "emulator", "cluster": {"server": server}}],
+        "users": [{"name": "test", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "emulator", "user": "test"}}],
+        "current-context": "test",
+    }
+    path.write_text(json.dumps(document))
+    return path

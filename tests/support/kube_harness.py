@@ -1,0 +1,138 @@
+"""Test harness for the provisioner: the emulated management cluster, tenant APIs, and the
+provisioner service itself on a real NATS, plus waits on what the API shows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kmock
+import nats.js.errors
+
+from libs.common.bus import Bus
+from libs.common.settings import Settings
+from services.provisioner import kube
+from services.provisioner.reconciler import ProvisionerConfig
+from services.provisioner.service import ProvisionerService, config_from_settings
+from services.provisioner.store import CLUSTERS_BUCKET, LEASES_BUCKET
+from tests.support.kube_emulator import (
+    KubeEmulator,
+    ReadinessController,
+    TenantApis,
+    write_kubeconfig,
+)
+
+
+@dataclass
+class ManagementCluster:
+    emulator: KubeEmulator
+    controller: ReadinessController
+    url: str
+    kubeconfig: Path
+
+
+@contextlib.asynccontextmanager
+async def management_cluster(directory: Path) -> AsyncIterator[ManagementCluster]:
+    """The emulated management cluster on a loopback port, with its readiness controller."""
+    emulator = KubeEmulator()
+    async with emulator, kmock.Server(emulator) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        kubeconfig = write_kubeconfig(directory / "management.kubeconfig", url)
+        yield ManagementCluster(emulator, ReadinessController(emulator), url, kubeconfig)
+
+
+@contextlib.asynccontextmanager
+async def tenant_apis(management: KubeEmulator, directory: Path) -> AsyncIterator[TenantApis]:
+    directory.mkdir(parents=True, exist_ok=True)
+    async with TenantApis(management, directory).serve() as tenants:
+        yield tenants
+
+
+async def reset_buckets(bus: Bus) -> None:
+    js = bus.nc.jetstream()
+    for bucket in (CLUSTERS_BUCKET, LEASES_BUCKET):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_key_value(bucket)
+
+
+def provisioner_settings(settings: Settings, kubeconfig: Path | None, **extra: Any) -> Settings:
+    values: dict[str, Any] = {
+        "kubeconfig": kubeconfig,
+        "poll_interval_seconds": 0.05,
+        "resync_interval_seconds": 3600.0,
+        "kube_retry_attempts": 3,
+        "kube_timeout_seconds": 2.0,
+        **extra,
+    }
+    return settings.model_copy(update=values)
+
+
+def fast_config(settings: Settings) -> ProvisionerConfig:
+    config = config_from_settings(settings)
+    return ProvisionerConfig(
+        kubeconfig=config.kubeconfig,
+        image_registry=config.image_registry,
+        renew_before=config.renew_before,
+        management_dns_domain=config.management_dns_domain,
+        node_address=config.node_address,
+        retry=kube.Retry(
+            attempts=settings.kube_retry_attempts,
+            base_delay=0.05,
+            max_delay=0.2,
+            timeout=settings.kube_timeout_seconds,
+        ),
+        tenant_retry=kube.Retry(attempts=1, timeout=2.0),
+        delete_timeout_seconds=10.0,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_provisioner(
+    settings: Settings, nats_url: str
+) -> AsyncIterator[ProvisionerService]:
+    bus = Bus([nats_url], name="test-provisioner")
+    await bus.connect()
+    await bus.ensure_streams()
+    service = ProvisionerService(settings, config=fast_config(settings))
+    await service.start(bus)
+    try:
+        yield service
+    finally:
+        await service.stop(3.0)
+        await bus.close()
+
+
+async def wait_cluster(
+    api: httpx.AsyncClient,
+    cluster_id: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float = 15.0,
+) -> dict[str, Any]:
+    """Poll the API until the cluster satisfies `predicate`; fail with the last state."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    cluster: dict[str, Any] = {}
+    while asyncio.get_running_loop().time() < deadline:
+        response = await api.get(f"/api/v1/clusters/{cluster_id}")
+        cluster = (
+            response.json() if response.status_code == 200 else {"status": response.status_code}
+        )
+        if predicate(cluster):
+            return cluster
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"cluster {cluster_id} never got there; last seen: {cluster}")
+
+
+def phase(name: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda cluster: cluster.get("status", {}).get("phase") == name
+
+
+def condition(cluster: dict[str, Any], type_: str) -> dict[str, Any]:
+    for found in cluster["status"]["conditions"]:
+        if found["type"] == type_:
+            return dict(found)
+    raise AssertionError(f"no condition {type_} in {cluster['status']}")

@@ -17,3 +17,9 @@ def run(settings: Settings) -> None:
         asyncio.run(run_service(ProvisionerService(settings), settings, nats.url))
     finally:
         nats.stop()
+
+
+if __name__ == "__main__":
+    from libs.common.settings import load_settings
+
+    run(load_settings())

@@ -93,11 +93,14 @@ def fast_config(settings: Settings) -> ProvisionerConfig:
 
 @contextlib.asynccontextmanager
 async def running_provisioner(
-    settings: Settings, nats_url: str
+    settings: Settings, nats_url: str, *, reset: bool = True
 ) -> AsyncIterator[ProvisionerService]:
+    """A provisioner service on its own bus connection (fresh bookkeeping unless `reset`)."""
     bus = Bus([nats_url], name="test-provisioner")
     await bus.connect()
     await bus.ensure_streams()
+    if reset:
+        await reset_buckets(bus)
     service = ProvisionerService(settings, config=fast_config(settings))
     await service.start(bus)
     try:

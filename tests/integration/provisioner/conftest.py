@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from libs.common.bus import Bus
 from libs.common.settings import Settings
 from services.provisioner import names, pki
 from services.provisioner.service import ProvisionerService
@@ -25,7 +24,6 @@ from tests.support.kube_harness import (
     ManagementCluster,
     management_cluster,
     provisioner_settings,
-    reset_buckets,
     running_provisioner,
     tenant_apis,
 )
@@ -207,10 +205,6 @@ async def tenants(management: ManagementCluster, tmp_path: Path) -> AsyncIterato
 async def provisioner(
     settings: Settings, management: ManagementCluster, tenants: TenantApis, nats_url: str
 ) -> AsyncIterator[ProvisionerService]:
-    bus = Bus([nats_url], name="reset")
-    await bus.connect()
-    await reset_buckets(bus)
-    await bus.close()
     configured = provisioner_settings(settings, management.kubeconfig)
     async with running_provisioner(configured, nats_url) as service:
         yield service

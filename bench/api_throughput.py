@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from libs.common.bus import Bus  # noqa: E402
 from libs.common.contract import INTENTS_STREAM, Envelope  # noqa: E402
 from libs.common.nats_server import EmbeddedNats, free_port  # noqa: E402
-from tests.support.processes import kill_group, nest_process, wait_http  # noqa: E402
+from tests.support.processes import AUTH, kill_group, nest_process, wait_http  # noqa: E402
 
 PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -45,7 +45,9 @@ def report(label: str, latencies: list[float], elapsed: float) -> None:
     )
 
 
-async def run_load(client: httpx.AsyncClient, count: int, concurrency: int, make) -> tuple[list[float], float]:
+async def run_load(
+    client: httpx.AsyncClient, count: int, concurrency: int, make
+) -> tuple[list[float], float]:
     latencies: list[float] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(count):
@@ -97,7 +99,7 @@ async def intent_latency(base: str, nats_url: str, count: int) -> list[float]:
         done.set()
 
     consumer = asyncio.create_task(consume())
-    async with httpx.AsyncClient(base_url=base) as client:
+    async with httpx.AsyncClient(base_url=base, headers=AUTH) as client:
         for i in range(count):
             t0 = time.perf_counter()
             response = await client.post("/api/v1/clusters", json={"name": f"lat-{i}"})
@@ -130,30 +132,51 @@ async def main() -> None:
     nats = EmbeddedNats(tmp / "nats")
     nats.start()
     port = free_port()
-    env = {"NEST_DATA_DIR": str(tmp / "data"), "NEST_NATS_URL": nats.url, "NEST_API_PORT": str(port),
-           "NEST_LOG_LEVEL": "WARNING"}
+    env = {
+        "NEST_DATA_DIR": str(tmp / "data"),
+        "NEST_NATS_URL": nats.url,
+        "NEST_API_PORT": str(port),
+        "NEST_LOG_LEVEL": "WARNING",
+    }
     if database_url:
         env["NEST_DATABASE_URL"] = database_url
     api = nest_process(["run", "api"], env, tmp / "api.log")
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/readyz", timeout=60, process=api)
-        print(f"# Nest API benchmark — {args.db}, concurrency {args.concurrency}, {os.cpu_count()} CPUs")
-        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-        async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+        print(
+            f"# Nest API benchmark — {args.db}, concurrency {args.concurrency}, {os.cpu_count()} CPUs"
+        )
+        limits = httpx.Limits(
+            max_connections=args.concurrency, max_keepalive_connections=args.concurrency
+        )
+        async with httpx.AsyncClient(
+            base_url=base, limits=limits, timeout=30, headers=AUTH
+        ) as client:
             lat, elapsed = await run_load(
-                client, args.creates, args.concurrency,
+                client,
+                args.creates,
+                args.concurrency,
                 lambda c, i: c.post("/api/v1/clusters", json={"name": f"bench-{i}"}),
             )
             report("POST /clusters", lat, elapsed)
             lat, elapsed = await run_load(
-                client, args.lists, args.concurrency,
+                client,
+                args.lists,
+                args.concurrency,
                 lambda c, i: c.get("/api/v1/clusters", params={"limit": 100}),
             )
             report("GET /clusters?limit=100", lat, elapsed)
-            ids = [item["id"] for item in (await client.get("/api/v1/clusters", params={"limit": 500})).json()["items"]]
+            ids = [
+                item["id"]
+                for item in (await client.get("/api/v1/clusters", params={"limit": 500})).json()[
+                    "items"
+                ]
+            ]
             lat, elapsed = await run_load(
-                client, args.lists, args.concurrency,
+                client,
+                args.lists,
+                args.concurrency,
                 lambda c, i: c.get(f"/api/v1/clusters/{ids[i % len(ids)]}"),
             )
             report("GET /clusters/{id}", lat, elapsed)

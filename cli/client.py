@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,10 +20,37 @@ class ApiError(Exception):
         self.errors = errors or []
 
 
+CONFIG_FILE = (
+    Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "nest" / "config.json"
+)
+
+
+def find_token() -> str | None:
+    """NEST_TOKEN, else the config file (`nest login`), else the local admin-token file."""
+    if token := os.environ.get("NEST_TOKEN"):
+        return token
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(CONFIG_FILE.read_text()).get("token")
+        if saved:
+            return str(saved)
+    data_dir = Path(os.environ.get("NEST_DATA_DIR", Path.home() / ".nest"))
+    with contextlib.suppress(OSError):
+        return (data_dir / "admin-token").read_text().strip() or None
+    return None
+
+
+def save_token(token: str) -> Path:
+    CONFIG_FILE.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(CONFIG_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump({"token": token}, handle)
+    return CONFIG_FILE
+
+
 class ApiClient:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
         headers = {"Accept": "application/json"}
-        token = token or os.environ.get("NEST_TOKEN")
+        token = token or find_token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.http = httpx.Client(

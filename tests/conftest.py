@@ -22,6 +22,7 @@ from libs.common.nats_server import EmbeddedNats, EmbeddedNatsError
 from libs.common.settings import Settings
 from tests.support.parts import missing
 
+ADMIN_TOKEN = "nest-test-admin-token-0123456789abcdef0123"
 PG_DSN = os.environ.get("NEST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -132,6 +133,7 @@ def settings(tmp_path: Path, database_url: str, nats_url: str) -> Settings:
         nats_url=nats_url,
         shutdown_timeout_seconds=3,
         max_deliver=3,
+        admin_token=ADMIN_TOKEN,
     )
 
 
@@ -147,6 +149,9 @@ async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
                 break
             await asyncio.sleep(0.025)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://nest") as client:
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://nest", headers=headers
+        ) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client

@@ -16,6 +16,8 @@ from libs.common.bus import Bus, Consumer, StreamSettings, servers_from_url
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
 from services.api import problems
+from services.api.auth import service as auth
+from services.api.auth.endpoints import router as tokens_router
 from services.api.clusters.endpoints import router as clusters_router
 from services.api.db import create_engine, migrate, session_factory
 from services.api.middleware import CorrelationIdMiddleware
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 VERSION = "0.1.0"
+MAX_BODY_BYTES = 1024 * 1024
 
 
 def stream_settings(settings: Settings) -> StreamSettings:
@@ -65,6 +68,10 @@ def create_app(settings: Settings) -> FastAPI:
         await migrate(engine)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
+        app.state.token_cache = auth.TokenCache()
+        app.state.admin_token_file = await auth.bootstrap_admin(
+            app.state.sessions, settings.data_dir, settings.admin_token
+        )
         app.state.bus = Bus(servers_from_url(settings.nats_url or ""), name="nest-api")
         app.state.relay = OutboxRelay(app.state.sessions, app.state.bus)
         app.state.tasks = TaskSet()
@@ -97,6 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
         docs_url=f"{API_PREFIX}/docs",
         redoc_url=None,
         lifespan=lifespan,
+        max_body_size=MAX_BODY_BYTES,
     )
     app.state.settings = settings
     problems.install(app)
@@ -104,6 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(clusters_router)
+    api.include_router(tokens_router)
     app.include_router(api)
 
     @app.get("/healthz", include_in_schema=False)

@@ -44,6 +44,7 @@ class ProblemError(Exception):
     status = 500
     title = "Internal Server Error"
     kind = "internal"
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str, *, errors: list[FieldError] | None = None) -> None:
         super().__init__(detail)
@@ -135,7 +136,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
         return problem_response(
-            request, exc.status, exc.title, exc.detail, kind=exc.kind, errors=exc.errors
+            request,
+            exc.status,
+            exc.title,
+            exc.detail,
+            kind=exc.kind,
+            errors=exc.errors,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)

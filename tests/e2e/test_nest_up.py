@@ -19,6 +19,8 @@ from libs.common.contract import INTENTS_STREAM, Envelope
 from libs.common.contract.cluster import ClusterEndpoint, ClusterStatusChanged, Condition
 from tests.support.parts import free_port
 from tests.support.processes import (
+    ADMIN_TOKEN,
+    AUTH,
     descendants_alive,
     kill_group,
     nest_process,
@@ -94,7 +96,7 @@ async def test_nest_up_serves_the_flow_and_stops_cleanly(tmp_path: Path) -> None
         tree = wait_for_tree(up.pid, 2)  # nats-server + api
         nats_url = (data / "nats" / "url").read_text().strip()
 
-        async with httpx.AsyncClient(base_url=base) as client:
+        async with httpx.AsyncClient(base_url=base, headers=AUTH) as client:
             created = (await client.post("/api/v1/clusters", json={"name": "e2e"})).json()
             intent = await provisioner_stand_in(nats_url)
             assert intent.subject == created["id"]
@@ -109,7 +111,7 @@ async def test_nest_up_serves_the_flow_and_stops_cleanly(tmp_path: Path) -> None
 
         listing = subprocess.run(
             [sys.executable, "-m", "cli.main", "clusters", "list"],
-            env={**env_clean, **env},
+            env={**env_clean, **env, "NEST_TOKEN": ADMIN_TOKEN},
             capture_output=True,
             text=True,
             timeout=60,
@@ -132,7 +134,9 @@ async def test_sigkilled_nest_up_leaves_nothing_and_the_next_start_recovers(tmp_
     up = nest_process(["up"], env, tmp_path / "up-1.log")
     wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, process=up)
     assert (
-        httpx.post(f"http://127.0.0.1:{port}/api/v1/clusters", json={"name": "kept"}).status_code
+        httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/clusters", json={"name": "kept"}, headers=AUTH
+        ).status_code
         == 201
     )
     tree = wait_for_tree(up.pid, 2)
@@ -147,7 +151,10 @@ async def test_sigkilled_nest_up_leaves_nothing_and_the_next_start_recovers(tmp_
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, process=up)
         names = [
-            c["name"] for c in httpx.get(f"http://127.0.0.1:{port}/api/v1/clusters").json()["items"]
+            c["name"]
+            for c in httpx.get(f"http://127.0.0.1:{port}/api/v1/clusters", headers=AUTH).json()[
+                "items"
+            ]
         ]
         assert names == ["kept"]
         up.send_signal(signal.SIGINT)

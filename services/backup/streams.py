@@ -1,0 +1,66 @@
+"""Async byte streams in bounded memory: re-chunking and measuring (size + sha256) on the way.
+
+Every backup flows source -> measure -> (encrypt) -> measure -> store as async iterators of
+bytes; nothing here holds more than one block at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterable, AsyncIterator
+
+
+async def rechunk(source: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:
+    """Yield blocks of exactly `size` bytes (the last may be shorter, never empty)."""
+    if size <= 0:
+        raise ValueError("size must be positive")
+    buffer = bytearray()
+    async for chunk in source:
+        if not chunk:
+            continue
+        buffer += chunk
+        while len(buffer) >= size:
+            yield bytes(buffer[:size])
+            del buffer[:size]
+    if buffer:
+        yield bytes(buffer)
+
+
+class Measured:
+    """Wraps a stream; after it is consumed, `size` and `sha256` describe every byte passed."""
+
+    def __init__(self, source: AsyncIterable[bytes]) -> None:
+        self._source = source
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.finished = False
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._pass()
+
+    async def _pass(self) -> AsyncIterator[bytes]:
+        async for chunk in self._source:
+            self._hash.update(chunk)
+            self.size += len(chunk)
+            yield chunk
+        self.finished = True
+
+
+async def iterate(data: bytes, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    """A bytes value as a stream (tests, probes, manifests)."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def collect(source: AsyncIterable[bytes], limit: int = 16 << 20) -> bytes:
+    """Read a small stream fully; refuses more than `limit` bytes (manifests, probes)."""
+    buffer = bytearray()
+    async for chunk in source:
+        buffer += chunk
+        if len(buffer) > limit:
+            raise ValueError(f"stream larger than {limit} bytes")
+    return bytes(buffer)

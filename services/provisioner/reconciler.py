@@ -49,7 +49,7 @@ class ProvisionerConfig:
     """Retries of management-cluster requests."""
     tenant_retry: kube.Retry = field(default_factory=lambda: kube.Retry(attempts=1, timeout=5.0))
     """Retries of tenant requests: one try per pass, the next pass is the retry."""
-    delete_timeout_seconds: float = 120.0
+    delete_timeout_seconds: float = 30.0
     """How long a delete waits for the namespace to disappear before trying again later."""
     tenant_credential_lifetime: timedelta = timedelta(hours=1)
     """Lifetime of the admin certificate the provisioner uses on tenant APIs."""

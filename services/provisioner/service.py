@@ -118,12 +118,13 @@ class ProvisionerService:
             service=SOURCE,
             max_deliver=self.settings.max_deliver,
             # A delete waits for the namespace to go, which may take a while.
-            ack_wait_seconds=self.reconciler.config.delete_timeout_seconds + 30,
+            ack_wait_seconds=self.reconciler.config.delete_timeout_seconds + 30.0,
             concurrency=self.settings.reconcile_concurrency,
         )
         self._consumer = bus.consumer(spec, self.handle)
         self._tasks.spawn("intents", self._consumer.run())
         self._rpc = await bus.serve(KUBECONFIG_RPC_SUBJECT, self.kubeconfig, queue=DURABLE)
+        await bus.nc.flush()  # the subscription is live on the server before start() returns
         self._tasks.spawn("resync", self._resync_loop())
 
     async def stop(self, timeout: float) -> None:

@@ -63,7 +63,7 @@ class ClusterStore:
     async def get(self, cluster_id: str) -> ClusterRecord | None:
         try:
             entry = await self.kv.get(cluster_id)
-        except nats.js.errors.KeyNotFoundError:
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         if entry.value is None:
             return None
@@ -101,8 +101,8 @@ class Leases:
             return True
         try:
             entry = await self.kv.get(name)
-        except nats.js.errors.KeyNotFoundError:
-            return False  # expired between the two calls; the next round takes it
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return False  # expired or released between the two calls; the next round takes it
         if entry.value is None or entry.value.decode() != holder:
             return False
         try:
@@ -112,7 +112,9 @@ class Leases:
         return True
 
     async def release(self, name: str, holder: str) -> None:
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+        with contextlib.suppress(
+            nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError
+        ):
             entry = await self.kv.get(name)
             if entry.value is not None and entry.value.decode() == holder:
                 with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,3 +142,18 @@ def condition(cluster: dict[str, Any], type_: str) -> dict[str, Any]:
         if found["type"] == type_:
             return dict(found)
     raise AssertionError(f"no condition {type_} in {cluster['status']}")
+
+
+def provisioner_process(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """The provisioner as its own process (`python -m services.provisioner.main`), in its own
+    process group, output to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.provisioner.main"],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )

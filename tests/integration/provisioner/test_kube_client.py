@@ -1,0 +1,101 @@
+"""`services.provisioner.kube` over HTTP against the emulated API server (and so the emulator's
+apiserver semantics that the provisioner relies on)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from services.provisioner.kube import (
+    KubeClient,
+    KubeNotConfigured,
+    KubeRejected,
+    KubeUnavailable,
+    Retry,
+)
+from tests.support.kube_harness import ManagementCluster
+
+FAST = Retry(attempts=3, base_delay=0.01, max_delay=0.05, timeout=1.0)
+
+
+def namespace(name: str, **labels: str) -> dict[str, object]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+
+def configmap(ns: str, name: str, value: str) -> dict[str, object]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "data": {"value": value},
+    }
+
+
+async def test_apply_creates_then_updates_and_respects_namespaces(
+    management: ManagementCluster,
+) -> None:
+    client = await KubeClient.connect(management.kubeconfig, retry=FAST)
+    try:
+        with pytest.raises(KubeRejected) as no_namespace:
+            await client.apply("/api/v1/namespaces/a/configmaps/x", configmap("a", "x", "1"))
+        assert no_namespace.value.status == 404
+        created = await client.apply("/api/v1/namespaces/a", namespace("a", team="x"))
+        assert created["status"]["phase"] == "Active"
+        first = await client.apply("/api/v1/namespaces/a/configmaps/x", configmap("a", "x", "1"))
+        second = await client.apply("/api/v1/namespaces/a/configmaps/x", configmap("a", "x", "2"))
+        assert second["metadata"]["uid"] == first["metadata"]["uid"]
+        assert second["data"] == {"value": "2"}
+        assert int(second["metadata"]["resourceVersion"]) > int(
+            first["metadata"]["resourceVersion"]
+        )
+        await client.apply("/api/v1/namespaces/a/configmaps/y", configmap("a", "y", "1"))
+        only_y = await client.list("/api/v1/namespaces/a/configmaps", labels={"app": "y"})
+        assert [c["metadata"]["name"] for c in only_y] == ["y"]
+        assert await client.get("/api/v1/namespaces/a/configmaps/missing") is None
+
+        assert await client.delete("/api/v1/namespaces/a")
+        with pytest.raises(KubeRejected) as terminating:
+            await client.apply("/api/v1/namespaces/a/configmaps/z", configmap("a", "z", "1"))
+        assert terminating.value.status == 403
+        for _ in range(100):
+            if await client.get("/api/v1/namespaces/a") is None:
+                break
+            await asyncio.sleep(0.01)
+        assert await client.get("/api/v1/namespaces/a") is None
+        assert management.emulator.items("v1/configmaps", "a") == []
+        assert not await client.delete("/api/v1/namespaces/a")
+    finally:
+        await client.close()
+
+
+async def test_transient_failures_are_retried_then_reported(management: ManagementCluster) -> None:
+    client = await KubeClient.connect(management.kubeconfig, retry=FAST)
+    try:
+        management.emulator.fail("GET", "/namespaces/b$", status=503, times=2)
+        await client.apply("/api/v1/namespaces/b", namespace("b"))
+        assert (await client.get("/api/v1/namespaces/b")) is not None  # third try answers
+        management.emulator.fail("GET", "/namespaces/b$", status=429, times=None)
+        with pytest.raises(KubeUnavailable, match="429"):
+            await client.get("/api/v1/namespaces/b")
+        management.emulator.faults.clear()
+        management.emulator.fail("GET", "/namespaces/b$", status=None, delay=1.5, times=None)
+        with pytest.raises(KubeUnavailable, match="Timeout"):
+            await client.get("/api/v1/namespaces/b")
+        management.emulator.faults.clear()
+        with pytest.raises(KubeRejected) as invalid:
+            await client.request("POST", "/api/v1/namespaces", body={"kind": "Namespace"})
+        assert invalid.value.status == 422
+    finally:
+        await client.close()
+
+
+async def test_missing_configuration_is_named(tmp_path: Path) -> None:
+    with pytest.raises(KubeNotConfigured, match="NEST_KUBECONFIG"):
+        await KubeClient.connect(None)
+    with pytest.raises(KubeNotConfigured, match="not a readable file"):
+        await KubeClient.connect(tmp_path / "nope")
+    (tmp_path / "bad").write_text("::: not yaml {")
+    with pytest.raises(KubeNotConfigured, match="not usable"):
+        await KubeClient.connect(tmp_path / "bad")

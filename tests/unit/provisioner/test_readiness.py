@@ -1,0 +1,54 @@
+"""Reading readiness and the endpoint from what the management API answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from libs.common.contract.cluster import ClusterEndpoint, ClusterSpec, ReconcileCluster
+from services.provisioner.reconciler import deployment_rolled_out, endpoint_of, statefulset_ready
+
+
+def intent(**spec: Any) -> ReconcileCluster:
+    return ReconcileCluster(
+        cluster_id="c-1", name="demo", generation=1, spec=ClusterSpec.model_validate(spec)
+    )
+
+
+def workload(generation: int, **observed: int) -> dict[str, Any]:
+    return {"metadata": {"generation": generation}, "status": observed}
+
+
+def test_a_deployment_is_rolled_out_only_when_every_replica_is_new_and_available() -> None:
+    assert not deployment_rolled_out(workload(2, observedGeneration=1), 2)[0]
+    rolling = workload(2, observedGeneration=2, updatedReplicas=1, availableReplicas=2, replicas=3)
+    ok, message = deployment_rolled_out(rolling, 2)
+    assert not ok and "1/2 updated" in message
+    surplus = workload(2, observedGeneration=2, updatedReplicas=2, availableReplicas=2, replicas=3)
+    assert not deployment_rolled_out(surplus, 2)[0]
+    done = workload(2, observedGeneration=2, updatedReplicas=2, availableReplicas=2, replicas=2)
+    assert deployment_rolled_out(done, 2) == (True, "2/2 control-plane replicas available")
+
+
+def test_etcd_is_ready_with_every_member_on_the_current_revision() -> None:
+    assert not statefulset_ready(workload(1), 3)[0]
+    assert not statefulset_ready(workload(1, observedGeneration=1, readyReplicas=3), 3)[0]
+    ready = workload(1, observedGeneration=1, readyReplicas=3, updatedReplicas=3)
+    assert statefulset_ready(ready, 3)[0]
+
+
+def test_endpoint_from_a_load_balancer() -> None:
+    service = {"spec": {"type": "LoadBalancer"}, "status": {"loadBalancer": {}}}
+    assert endpoint_of(intent(), service, None)[1] == "WaitingForLoadBalancer"
+    service["status"] = {"loadBalancer": {"ingress": [{"ip": "192.0.2.5"}]}}
+    assert endpoint_of(intent(), service, None)[0] == ClusterEndpoint(host="192.0.2.5", port=6443)
+    assert endpoint_of(intent(), None, None)[1] == "ServiceMissing"
+
+
+def test_endpoint_from_a_node_port_needs_a_node_address() -> None:
+    spec = {"network": {"serviceType": "NodePort"}}
+    service = {"spec": {"type": "NodePort", "ports": [{"name": "https", "nodePort": 31234}]}}
+    endpoint, reason, message = endpoint_of(intent(**spec), service, None)
+    assert endpoint is None and reason == "NodeAddressUnset" and "NEST_NODE_ADDRESS" in message
+    assert endpoint_of(intent(**spec), service, "10.0.0.1")[0] == ClusterEndpoint(
+        host="10.0.0.1", port=31234
+    )

@@ -16,13 +16,22 @@ from libs.common.bus import Bus, Consumer, StreamSettings, servers_from_url
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
 from services.api import problems
+from services.api.audit.endpoints import router as audit_router
 from services.api.auth import service as auth
 from services.api.auth.endpoints import router as tokens_router
 from services.api.clusters.endpoints import router as clusters_router
 from services.api.db import create_engine, migrate, session_factory
-from services.api.middleware import CorrelationIdMiddleware
+from services.api.idempotency import service as idempotency
+from services.api.middleware import (
+    AuditMiddleware,
+    BodyLimitMiddleware,
+    CorrelationIdMiddleware,
+    IdempotencyMiddleware,
+    RateLimitMiddleware,
+)
 from services.api.outbox.relay import OutboxRelay
 from services.api.projector import Projector
+from services.api.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,16 @@ async def _start_messaging(app: FastAPI, settings: Settings) -> None:
     tasks.spawn("projector", consumer.run())
 
 
+async def _housekeeping(app: FastAPI) -> None:
+    """Expire idempotency records (kept 24 h) every few minutes."""
+    while True:
+        try:
+            await idempotency.purge(app.state.sessions)
+        except Exception:
+            log.exception("housekeeping failed")
+        await asyncio.sleep(300)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The API for these settings. `settings.nats_url` must be resolved (the runner does it)."""
 
@@ -78,6 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.streams_ready = False
         app.state.projector = None
         app.state.tasks.spawn("messaging", _start_messaging(app, settings))
+        app.state.tasks.spawn("housekeeping", _housekeeping(app))
         log.info("api started", extra={"url": settings.api_url})
         try:
             yield
@@ -104,15 +124,23 @@ def create_app(settings: Settings) -> FastAPI:
         docs_url=f"{API_PREFIX}/docs",
         redoc_url=None,
         lifespan=lifespan,
-        max_body_size=MAX_BODY_BYTES,
     )
     app.state.settings = settings
     problems.install(app)
+    # add_middleware wraps: the last added is the outermost.
+    app.add_middleware(IdempotencyMiddleware)
+    app.add_middleware(AuditMiddleware)
+    app.add_middleware(
+        RateLimitMiddleware,
+        limiter=RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(CorrelationIdMiddleware)
 
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(clusters_router)
     api.include_router(tokens_router)
+    api.include_router(audit_router)
     app.include_router(api)
 
     @app.get("/healthz", include_in_schema=False)

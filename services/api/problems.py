@@ -64,6 +64,12 @@ class Conflict(ProblemError):
     kind = "conflict"
 
 
+class PreconditionFailed(ProblemError):
+    status = 412
+    title = "Precondition Failed"
+    kind = "precondition-failed"
+
+
 class InvalidInput(ProblemError):
     status = 422
     title = "Unprocessable Content"

@@ -200,11 +200,16 @@ async def bootstrap_admin(
     if given:
         log.info("initial admin token created from NEST_ADMIN_TOKEN")
         return None
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "admin-token"
+    _write_secret_file(path, secret)
+    log.info("initial admin token written", extra={"path": str(path)})
+    return path
+
+
+def _write_secret_file(path: Path, secret: str) -> None:
+    """Write a secret readable by the owner only (0600 from the moment the file exists)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(secret + "\n")
     os.chmod(path, 0o600)
-    log.info("initial admin token written", extra={"path": str(path)})
-    return path

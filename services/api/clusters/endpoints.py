@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Body, Depends, Path, Request, status
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, status
 
+from libs.common.contract.kubeconfig import (
+    DEFAULT_TTL_SECONDS,
+    MAX_TTL_SECONDS,
+    KubeconfigIssued,
+)
 from services.api.auth.dependencies import OperatorDep, ViewerDep
-from services.api.clusters import service
+from services.api.clusters import kubeconfig, service
 from services.api.clusters.schemas import ClusterCreate, ClusterPatch, ClusterRead
 from services.api.db import SessionDep
 from services.api.pagination import CursorQuery, LimitQuery, Page
@@ -17,9 +23,24 @@ from services.api.responses import ModelResponse
 router = APIRouter(prefix="/clusters", tags=["clusters"])
 
 ClusterId = Annotated[str, Path(description="The cluster's id.", max_length=64)]
+IfMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        max_length=1024,
+        description="Apply only if the cluster's ETag is one of these (or `*`); else 412.",
+    ),
+]
 ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No valid token."},
+    403: {"model": Problem, "description": "The token's scope is too low."},
     404: {"model": Problem, "description": "No such cluster."},
     422: {"model": Problem, "description": "Invalid input; `errors` names each field."},
+}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    409: {"model": Problem, "description": "The cluster is being deleted."},
+    412: {"model": Problem, "description": "If-Match did not match the current ETag."},
 }
 
 
@@ -31,35 +52,90 @@ def _notify(request: Request) -> service.Notify:
 NotifyDep = Annotated[service.Notify, Depends(_notify)]
 
 
+def _cluster_response(cluster: ClusterRead, status_code: int = 200) -> ModelResponse:
+    headers = {"ETag": service.etag(cluster.resource_version)}
+    if status_code == status.HTTP_201_CREATED:
+        headers["Location"] = f"/api/v1/clusters/{cluster.id}"
+    return ModelResponse(cluster, status_code, headers=headers)
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=ClusterRead,
     operation_id="createCluster",
     summary="Create a cluster",
-    responses={409: {"model": Problem, "description": "The name is taken."}, **ERRORS},
+    responses={**ERRORS, 409: {"model": Problem, "description": "The name is taken."}},
 )
 async def create_cluster(
-    body: ClusterCreate, session: SessionDep, notify: NotifyDep, principal: OperatorDep
+    body: Annotated[
+        ClusterCreate,
+        Body(
+            openapi_examples={
+                "minimal": {"summary": "Only a name", "value": {"name": "demo"}},
+                "production": {
+                    "summary": "Three control-plane replicas on NodePort",
+                    "value": {
+                        "name": "prod-eu-1",
+                        "labels": {"team": "payments"},
+                        "spec": {
+                            "controlPlane": {"replicas": 3},
+                            "network": {"serviceType": "NodePort"},
+                        },
+                    },
+                },
+            }
+        ),
+    ],
+    session: SessionDep,
+    notify: NotifyDep,
+    principal: OperatorDep,
 ) -> ModelResponse:
-    """Create a hosted control plane. Only `name` is required."""
-    created = await service.create(session, body, notify)
-    return ModelResponse(
-        created, status.HTTP_201_CREATED, headers={"Location": f"/api/v1/clusters/{created.id}"}
-    )
+    """Create a hosted control plane. Only `name` is required; every spec field has a default.
+
+    The provisioner is asked to build it; watch `status.phase` and `status.conditions`.
+    Send an `Idempotency-Key` header to make retries safe.
+    """
+    return _cluster_response(await service.create(session, body, notify), status.HTTP_201_CREATED)
 
 
 @router.get(
-    "", response_model=Page[ClusterRead], operation_id="listClusters", summary="List clusters"
+    "",
+    response_model=Page[ClusterRead],
+    operation_id="listClusters",
+    summary="List clusters",
+    responses={k: v for k, v in ERRORS.items() if k != 404},
 )
 async def list_clusters(
+    request: Request,
     session: SessionDep,
     principal: ViewerDep,
     limit: LimitQuery = 100,
     cursor: CursorQuery = None,
+    label_selector: Annotated[
+        str | None,
+        Query(
+            alias="labelSelector",
+            max_length=1024,
+            description="Kubernetes label selector, e.g. `team=payments,env!=dev,tier in (a,b)`.",
+        ),
+    ] = None,
+    phase: Annotated[
+        Literal["Pending", "Provisioning", "Ready", "Upgrading", "Degraded", "Deleting", "Failed"]
+        | None,
+        Query(description="Only clusters in this phase."),
+    ] = None,
 ) -> ModelResponse:
-    """Clusters in creation order, a page at a time."""
-    return ModelResponse(await service.list_clusters(session, limit=limit, cursor=cursor))
+    """Clusters in creation order, a page at a time; `next` (and the Link header) continue."""
+    page = await service.list_clusters(
+        session, limit=limit, cursor=cursor, selector=label_selector, phase=phase
+    )
+    headers = {}
+    if page.next:
+        query = {k: v for k, v in request.query_params.items() if k != "cursor"}
+        query["cursor"] = page.next
+        headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+    return ModelResponse(page, headers=headers)
 
 
 @router.get(
@@ -72,8 +148,8 @@ async def list_clusters(
 async def get_cluster(
     cluster_id: ClusterId, session: SessionDep, principal: ViewerDep
 ) -> ModelResponse:
-    """One cluster with its observed status."""
-    return ModelResponse(await service.get(session, cluster_id))
+    """One cluster with its observed status; the ETag header is its `resourceVersion`."""
+    return _cluster_response(await service.get(session, cluster_id))
 
 
 @router.patch(
@@ -81,17 +157,37 @@ async def get_cluster(
     response_model=ClusterRead,
     operation_id="updateCluster",
     summary="Change a cluster (JSON merge patch)",
-    responses={409: {"model": Problem, "description": "The cluster is being deleted."}, **ERRORS},
+    responses=WRITE_ERRORS,
 )
 async def patch_cluster(
     cluster_id: ClusterId,
-    body: Annotated[ClusterPatch, Body(media_type="application/merge-patch+json")],
+    body: Annotated[
+        ClusterPatch,
+        Body(
+            media_type="application/merge-patch+json",
+            openapi_examples={
+                "scale": {
+                    "summary": "Scale the control plane",
+                    "value": {"spec": {"controlPlane": {"replicas": 3}}},
+                },
+                "label": {
+                    "summary": "Set and remove labels",
+                    "value": {"labels": {"a": "1", "b": None}},
+                },
+            },
+        ),
+    ],
     session: SessionDep,
     notify: NotifyDep,
     principal: OperatorDep,
+    if_match: IfMatch = None,
 ) -> ModelResponse:
-    """Merge `labels` and `spec` into the cluster; a spec change bumps `generation`."""
-    return ModelResponse(await service.patch(session, cluster_id, body, notify))
+    """Merge `labels` and `spec` into the cluster; a spec change bumps `generation`.
+
+    Kubernetes upgrades go one minor version at a time (any patch within a minor); address
+    ranges, DNS domain and etcd layout cannot change after creation.
+    """
+    return _cluster_response(await service.patch(session, cluster_id, body, notify, if_match))
 
 
 @router.delete(
@@ -100,10 +196,50 @@ async def patch_cluster(
     response_model=ClusterRead,
     operation_id="deleteCluster",
     summary="Delete a cluster",
-    responses=ERRORS,
+    responses=WRITE_ERRORS,
 )
 async def delete_cluster(
-    cluster_id: ClusterId, session: SessionDep, notify: NotifyDep
-) -> ClusterRead:
+    cluster_id: ClusterId,
+    session: SessionDep,
+    notify: NotifyDep,
+    principal: OperatorDep,
+    if_match: IfMatch = None,
+) -> ModelResponse:
     """Mark the cluster `Deleting`; it disappears once the provisioner has removed it."""
-    return await service.delete(session, cluster_id, notify)
+    return _cluster_response(
+        await service.delete(session, cluster_id, notify, if_match), status.HTTP_202_ACCEPTED
+    )
+
+
+@router.get(
+    "/{cluster_id}/kubeconfig",
+    response_model=KubeconfigIssued,
+    operation_id="getClusterKubeconfig",
+    summary="Issue a short-lived admin kubeconfig",
+    responses={
+        **ERRORS,
+        503: {"model": Problem, "description": "The provisioner or the cluster is unavailable."},
+    },
+)
+async def get_kubeconfig(
+    cluster_id: ClusterId,
+    request: Request,
+    session: SessionDep,
+    principal: OperatorDep,
+    ttl_seconds: Annotated[
+        int,
+        Query(
+            alias="ttlSeconds",
+            ge=60,
+            le=MAX_TTL_SECONDS,
+            description="Certificate lifetime (default 8 h, at most 24 h).",
+        ),
+    ] = DEFAULT_TTL_SECONDS,
+) -> ModelResponse:
+    """A kubeconfig with a client certificate signed by the cluster CA (audited)."""
+    cluster = await service.get(session, cluster_id)
+    await session.close()  # do not hold the DB while the provisioner signs
+    issued = await kubeconfig.issue(
+        request.app.state.bus, cluster, requester=principal.name, ttl_seconds=ttl_seconds
+    )
+    return ModelResponse(issued, headers={"Cache-Control": "no-store"})

@@ -66,6 +66,9 @@ class ClusterRead(WireModel):
     labels: dict[str, str]
     spec: ClusterSpec
     generation: int
+    resource_version: str = Field(
+        description="Changes with every write of labels or spec; also sent as the ETag."
+    )
     created_at: datetime
     updated_at: datetime
     status: ClusterStatus

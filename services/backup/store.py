@@ -389,6 +389,7 @@ class S3Store:
                     read_timeout=self.config.read_timeout,
                     retries={"max_attempts": self.config.max_attempts, "mode": "standard"},
                     max_pool_connections=max(10, self.config.upload_concurrency * 2),
+                    request_checksum_calculation="when_required",
                 )
                 stack = contextlib.AsyncExitStack()
                 session = aioboto3.Session()
@@ -430,8 +431,10 @@ class S3Store:
         except Exception as exc:
             raise translate(exc, f"start upload {full}") from exc
         upload_id = str(created["UploadId"])
+        head = [first or b"", second]
+        first = second = None  # the list owns them now; each is freed once uploaded
         try:
-            return await self._upload_parts(client, full, upload_id, first or b"", second, parts)
+            return await self._upload_parts(client, full, upload_id, head, parts)
         except BaseException:
             # Abort so the store keeps no half-written upload; cleanup_uploads catches the rest.
             with contextlib.suppress(Exception):
@@ -447,8 +450,7 @@ class S3Store:
         client: Any,
         full: str,
         upload_id: str,
-        first: bytes,
-        second: bytes,
+        head: list[bytes],
         rest: AsyncIterator[bytes],
     ) -> int:
         slots = asyncio.Semaphore(self.config.upload_concurrency)
@@ -469,21 +471,20 @@ class S3Store:
                 slots.release()
             return {"PartNumber": number, "ETag": response["ETag"]}
 
-        async def bodies() -> AsyncIterator[bytes]:
-            yield first
-            yield second
-            async for part in rest:
-                yield part
-
         total = 0
         try:
             number = 0
-            async for body in bodies():
+            while True:
+                # Take a slot before producing the next part: at most `upload_concurrency`
+                # parts exist at once besides the one being filled.
+                await slots.acquire()
+                _raise_failed(tasks)  # a failed part stops the upload at once
+                body = head.pop(0) if head else await anext(rest, None)
+                if body is None:
+                    slots.release()
+                    break
                 number += 1
                 total += len(body)
-                await slots.acquire()
-                # A failed part stops the upload at once instead of after the whole stream.
-                _raise_failed(tasks)
                 tasks.append(asyncio.create_task(upload(number, body)))
                 del body
             done = await asyncio.gather(*tasks)

@@ -11,19 +11,29 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 
 async def rechunk(source: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:
-    """Yield blocks of exactly `size` bytes (the last may be shorter, never empty)."""
+    """Yield blocks of exactly `size` bytes (the last may be shorter, never empty).
+
+    Pieces are collected in a list and joined once per block, so a block costs one copy
+    (a growing bytearray would cost up to three at 8 MiB each)."""
     if size <= 0:
         raise ValueError("size must be positive")
-    buffer = bytearray()
+    pieces: list[bytes] = []
+    held = 0
     async for chunk in source:
         if not chunk:
             continue
-        buffer += chunk
-        while len(buffer) >= size:
-            yield bytes(buffer[:size])
-            del buffer[:size]
-    if buffer:
-        yield bytes(buffer)
+        pieces.append(chunk)
+        held += len(chunk)
+        while held >= size:
+            joined = b"".join(pieces)
+            pieces.clear()
+            yield joined[:size]
+            rest = joined[size:]
+            del joined
+            pieces = [rest] if rest else []
+            held = len(rest)
+    if pieces:
+        yield b"".join(pieces)
 
 
 class Measured:

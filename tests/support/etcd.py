@@ -13,6 +13,7 @@ import os
 import signal
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,8 +163,7 @@ class EtcdServer:
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cadata=self.tls.ca_pem.decode())
-        pair = self.root / "client"
-        pair.mkdir(mode=0o700, exist_ok=True)
+        pair = Path(tempfile.mkdtemp(prefix="client-", dir=self.root))
         context.load_cert_chain(
             _write(pair / "tls.crt", self.tls.client_cert_pem),
             _write(pair / "tls.key", self.tls.client_key_pem),

@@ -11,6 +11,7 @@ import pytest
 from services.backup import artifacts, crypto, errors
 from services.backup.etcd import (
     EtcdSnapshot,
+    Transport,
     restore_drill,
     restore_snapshot,
     snapshot_status,
@@ -33,11 +34,14 @@ def etcd_with_data(etcd_server: EtcdServer) -> EtcdServer:
 
 
 async def take_backup(
-    store: ObjectStore, server: EtcdServer, keyring: crypto.Keyring | None
+    store: ObjectStore,
+    server: EtcdServer,
+    keyring: crypto.Keyring | None,
+    transport: Transport = "grpc",
 ) -> Manifest:
     from datetime import UTC, datetime
 
-    snapshot = EtcdSnapshot(endpoint_of(server))
+    snapshot = EtcdSnapshot(endpoint_of(server), transport=transport)
     return await artifacts.write_backup(
         store,
         new_ref("cluster-demo", datetime.now(UTC)),
@@ -49,17 +53,24 @@ async def take_backup(
     )
 
 
-@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+@pytest.mark.parametrize(
+    ("encrypted", "transport"),
+    [(False, "grpc"), (True, "grpc"), (True, "gateway")],
+    ids=["plain-grpc", "encrypted-grpc", "encrypted-gateway"],
+)
 async def test_round_trip_keys_and_revision_identical(
     s3_store: S3Store,
     etcd_with_data: EtcdServer,
     keyring: crypto.Keyring,
     tmp_path: Path,
     encrypted: bool,
+    transport: Transport,
 ) -> None:
     with etcd_with_data.client() as client:
         revision, keys = all_keys(client)
-    manifest = await take_backup(s3_store, etcd_with_data, keyring if encrypted else None)
+    manifest = await take_backup(
+        s3_store, etcd_with_data, keyring if encrypted else None, transport
+    )
     assert manifest.etcd is not None
     assert (manifest.etcd.revision, manifest.etcd.key_count) == (revision, len(keys))
     assert manifest.etcd.revision_exact
@@ -129,8 +140,9 @@ async def test_etcdutl_refuses_a_snapshot_without_its_hash(
         await restore_snapshot(damaged, tmp_path / "out")
 
 
+@pytest.mark.parametrize("transport", ["grpc", "gateway"])
 async def test_wrong_client_certificate_is_refused(
-    etcd_with_data: EtcdServer, tmp_path: Path
+    etcd_with_data: EtcdServer, transport: Transport
 ) -> None:
     from tests.support.etcd import generate_tls
 
@@ -143,7 +155,7 @@ async def test_wrong_client_certificate_is_refused(
         key_pem=other.client_key_pem,
     )
     with pytest.raises(errors.SnapshotError):
-        async for _ in EtcdSnapshot(stranger).chunks():
+        async for _ in EtcdSnapshot(stranger, transport=transport).chunks():
             pass
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from services.backup import errors
-from services.backup.etcd import EtcdEndpoint, EtcdSnapshot
+from services.backup.etcd import EtcdEndpoint, EtcdSnapshot, snapshot_blob
 from services.backup.streams import collect
 
 
@@ -38,7 +38,7 @@ def blob_lines(data: bytes, size: int = 32 * 1024) -> list[bytes]:
 
 
 def snapshot() -> EtcdSnapshot:
-    return EtcdSnapshot(EtcdEndpoint("https://etcd", b"", b"", b""))
+    return EtcdSnapshot(EtcdEndpoint("https://etcd", b"", b"", b""), transport="gateway")
 
 
 async def test_good_trailer_passes_and_details_are_recorded() -> None:
@@ -97,3 +97,32 @@ def test_details_before_the_end_are_refused() -> None:
 def test_endpoint_repr_hides_the_key() -> None:
     endpoint = EtcdEndpoint("https://etcd:2379", b"CA", b"CERT", b"-----BEGIN PRIVATE KEY-----")
     assert "PRIVATE" not in repr(endpoint)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def test_grpc_snapshot_response_blob_is_decoded() -> None:
+    blob = os.urandom(40_000)
+    header = b"\x08" + _varint(12345) + b"\x20" + _varint(7)  # cluster_id, raft_term
+    message = (
+        b"\x0a"
+        + _varint(len(header))
+        + header  # 1: header
+        + b"\x10"
+        + _varint(2**40)  # 2: remaining_bytes
+        + b"\x1a"
+        + _varint(len(blob))
+        + blob  # 3: blob
+    )
+    assert snapshot_blob(message) == blob
+    assert snapshot_blob(b"\x10" + _varint(0)) == b""
+    with pytest.raises(errors.SnapshotError, match="truncated"):
+        snapshot_blob(b"\x10\xff")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.client import ApiClient, ApiError
+from cli.client import ApiClient, ApiError, save_token
 from libs.common.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -18,6 +20,8 @@ app = typer.Typer(
 )
 clusters_app = typer.Typer(help="Manage clusters.", no_args_is_help=True)
 app.add_typer(clusters_app, name="clusters")
+token_app = typer.Typer(help="Manage API tokens (admin).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
 
 console = Console()
 errors = Console(stderr=True)
@@ -60,6 +64,15 @@ def up() -> None:
     code = supervisor.run(on_ready=ready)
     console.print("Nest stopped.")
     raise typer.Exit(code)
+
+
+def _wait_for(path: Path, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size > 0:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @app.command("run")
@@ -234,9 +247,113 @@ def clusters_delete(
     console.print(f"Cluster {deleted['name']} is {deleted['status']['phase']}.")
 
 
+@app.command()
+def login(
+    token: Annotated[str, typer.Option(prompt=True, hide_input=True, help="An API token.")],
+    api_url: ApiUrl = None,
+) -> None:
+    """Check a token against the API and save it for later commands (mode 0600)."""
+    try:
+        with ApiClient(api_url or _settings().api_url, token=token) as client:
+            client.call("GET", "/clusters", params={"limit": 1})
+    except ApiError as exc:
+        raise _fail(exc) from None
+    console.print(f"Token saved to {save_token(token)}.")
+
+
+def _token_table(items: list[dict[str, Any]]) -> Table:
+    table = Table()
+    for column in ("NAME", "ID", "SCOPE", "PREFIX", "ACTIVE", "EXPIRES", "CREATED"):
+        table.add_column(column)
+    for item in items:
+        status = item["status"]
+        table.add_row(
+            item["name"],
+            item["id"],
+            item["spec"]["scope"],
+            status["prefix"] + "…",
+            "yes" if status["active"] else ("revoked" if status.get("revokedAt") else "expired"),
+            status["expiresAt"][:10],
+            item["createdAt"][:19].replace("T", " "),
+        )
+    return table
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    scope: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+    days: Annotated[int, typer.Option(help="Lifetime in days.")] = 365,
+    api_url: ApiUrl = None,
+) -> None:
+    """Create a token; its secret is printed once."""
+    body = {"name": name, "spec": {"scope": scope, "expiresInDays": days}}
+    try:
+        with _client(api_url) as client:
+            created = client.call("POST", "/tokens", json=body)
+    except ApiError as exc:
+        raise _fail(exc) from None
+    console.print(_token_table([created]))
+    console.print("Secret (shown once, store it now):")
+    console.print(created["token"], markup=False, highlight=False)
+
+
+@token_app.command("list")
+def token_list(api_url: ApiUrl = None) -> None:
+    """List tokens (never their secrets)."""
+    items: list[dict[str, Any]] = []
+    try:
+        with _client(api_url) as client:
+            cursor: str | None = None
+            while True:
+                params: dict[str, Any] = {"limit": 500, **({"cursor": cursor} if cursor else {})}
+                page = client.call("GET", "/tokens", params=params)
+                items += page["items"]
+                cursor = page.get("next")
+                if not cursor:
+                    break
+    except ApiError as exc:
+        raise _fail(exc) from None
+    console.print(_token_table(items))
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id.")], api_url: ApiUrl = None
+) -> None:
+    """Revoke a token at once."""
+    try:
+        with _client(api_url) as client:
+            revoked = client.call("DELETE", f"/tokens/{token_id}")
+    except ApiError as exc:
+        raise _fail(exc) from None
+    console.print(f"Token {revoked['name']} ({revoked['id']}) is revoked.")
+
+
+@clusters_app.command("kubeconfig")
+def clusters_kubeconfig(
+    ref: Annotated[str, typer.Argument(help="Id or name.")],
+    hours: Annotated[float, typer.Option(help="Certificate lifetime, at most 24.")] = 8,
+    api_url: ApiUrl = None,
+) -> None:
+    """Print a short-lived admin kubeconfig for a cluster (redirect it to a file)."""
+    try:
+        with _client(api_url) as client:
+            cluster = _resolve(client, ref)
+            issued = client.call(
+                "GET",
+                f"/clusters/{cluster['id']}/kubeconfig",
+                params={"ttlSeconds": int(hours * 3600)},
+            )
+    except ApiError as exc:
+        raise _fail(exc) from None
+    sys.stdout.write(issued["kubeconfig"])
+    errors.print(f"expires {issued['expiresAt']}")
+
+
 def main() -> None:
     app(prog_name="nest")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

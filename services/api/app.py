@@ -15,7 +15,7 @@ from sqlalchemy import text
 from libs.common.bus import Bus, Consumer, StreamSettings, servers_from_url
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
-from services.api import problems
+from services.api import asyncapi, openapi, problems
 from services.api.audit.endpoints import router as audit_router
 from services.api.auth import service as auth
 from services.api.auth.endpoints import router as tokens_router
@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 VERSION = "0.1.0"
 MAX_BODY_BYTES = 1024 * 1024
+OPENAPI_TAGS = [
+    {"name": "clusters", "description": "Hosted Kubernetes control planes."},
+    {"name": "tokens", "description": "API tokens and their scopes (admin)."},
+    {"name": "audit", "description": "Who changed what (admin)."},
+    {"name": "events", "description": "The event history and its live stream."},
+    {"name": "webhooks", "description": "Event deliveries to HTTP receivers (admin)."},
+]
 
 
 def stream_settings(settings: Settings) -> StreamSettings:
@@ -123,6 +130,7 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url=f"{API_PREFIX}/openapi.json",
         docs_url=f"{API_PREFIX}/docs",
         redoc_url=None,
+        openapi_tags=OPENAPI_TAGS,
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -142,6 +150,13 @@ def create_app(settings: Settings) -> FastAPI:
     api.include_router(tokens_router)
     api.include_router(audit_router)
     app.include_router(api)
+    openapi.install(app)
+
+    asyncapi_document = asyncapi.build(VERSION)
+
+    @app.get(f"{API_PREFIX}/asyncapi.json", include_in_schema=False)
+    async def asyncapi_json() -> JSONResponse:
+        return JSONResponse(asyncapi_document)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

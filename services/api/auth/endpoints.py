@@ -53,6 +53,7 @@ async def list_tokens(
     responses=ERRORS,
 )
 async def get_token(token_id: TokenId, session: SessionDep, admin: AdminDep) -> ModelResponse:
+    """One token's metadata and status; the secret is never shown again."""
     return ModelResponse(await service.get(session, token_id))
 
 

@@ -65,7 +65,10 @@ def _cluster_response(cluster: ClusterRead, status_code: int = 200) -> ModelResp
     response_model=ClusterRead,
     operation_id="createCluster",
     summary="Create a cluster",
-    responses={**ERRORS, 409: {"model": Problem, "description": "The name is taken."}},
+    responses={
+        **{k: v for k, v in ERRORS.items() if k != 404},
+        409: {"model": Problem, "description": "The name is taken."},
+    },
 )
 async def create_cluster(
     body: Annotated[

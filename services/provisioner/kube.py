@@ -18,13 +18,13 @@ import asyncio
 import json
 import logging
 import random
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio import config as kconfig
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -116,12 +116,35 @@ class KubeClient:
         return cls(kclient.ApiClient(configuration), retry=retry)
 
     @classmethod
-    async def from_kubeconfig_text(cls, text: bytes, *, retry: Retry | None = None) -> KubeClient:
-        """A client for the kubeconfig document `text` (a tenant's admin kubeconfig)."""
-        configuration = kclient.Configuration()
-        document = yaml.safe_load(text)
-        await kconfig.load_kube_config_from_dict(document, client_configuration=configuration)
-        return cls(kclient.ApiClient(configuration), retry=retry)
+    def with_client_certificate(
+        cls,
+        server: str,
+        *,
+        ca_pem: bytes,
+        cert_pem: bytes,
+        key_pem: bytes,
+        retry: Retry | None = None,
+        connections: int = 4,
+    ) -> KubeClient:
+        """A client for `server` presenting a client certificate, trusting only `ca_pem`, with
+        at most `connections` connections.
+
+        The TLS material exists on disk only while the client's TLS context loads it.
+        """
+        configuration = kclient.Configuration(host=server)
+        configuration.connection_pool_maxsize = connections
+        with tempfile.TemporaryDirectory(prefix="nest-tls-") as directory:
+            paths = {}
+            for name, data in (("ca.crt", ca_pem), ("tls.crt", cert_pem), ("tls.key", key_pem)):
+                path = Path(directory) / name
+                path.touch(mode=0o600)
+                path.write_bytes(data)
+                paths[name] = str(path)
+            configuration.ssl_ca_cert = paths["ca.crt"]
+            configuration.cert_file = paths["tls.crt"]
+            configuration.key_file = paths["tls.key"]
+            api = kclient.ApiClient(configuration)
+        return cls(api, retry=retry)
 
     async def close(self) -> None:
         await self._api.close()

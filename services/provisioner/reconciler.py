@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +28,9 @@ from services.provisioner.kube import KubeClient, KubeNotConfigured, KubeRejecte
 from services.provisioner.store import ClusterRecord
 
 log = logging.getLogger(__name__)
+
+TENANT_CONNECTIONS = 4
+"""Connections (and so concurrent requests) per tenant API during a pass."""
 
 Clock = Callable[[], datetime]
 
@@ -79,59 +84,43 @@ class ManagementCluster:
             self._client = None
 
 
-@dataclass
-class _Tenant:
-    client: KubeClient
-    server: str
-    ca_pem: bytes
-    renew_at: datetime
-
-
 class TenantClients:
-    """Admin clients of tenant APIs, each with a short-lived certificate from the cluster CA."""
+    """Admin clients of tenant APIs, each with a short-lived certificate from the cluster CA.
+
+    A client lives for one pass only: keeping one per cluster would hold its connections and
+    TLS state for every cluster the provisioner manages, which is what a pass costs anyway.
+    """
 
     def __init__(self, config: ProvisionerConfig, clock: Clock) -> None:
         self.config = config
         self.clock = clock
-        self._clients: dict[str, _Tenant] = {}
 
+    @contextlib.asynccontextmanager
     async def client(
         self, intent: ReconcileCluster, server: str, ca_secret: Mapping[str, bytes]
-    ) -> KubeClient:
-        now = self.clock()
-        cached = self._clients.get(intent.cluster_id)
-        ca_pem = ca_secret[pki.TLS_CRT]
-        if (
-            cached is not None
-            and cached.server == server
-            and cached.ca_pem == ca_pem
-            and now < cached.renew_at
-        ):
-            return cached.client
-        await self.forget(intent.cluster_id)
+    ) -> AsyncIterator[KubeClient]:
         issued = pki.issue_admin_kubeconfig(
             ca_secret,
             cluster_name=intent.name,
             server_url=server,
             requester="provisioner",
-            now=now,
+            now=self.clock(),
             lifetime=self.config.tenant_credential_lifetime,
         )
-        client = await KubeClient.from_kubeconfig_text(
-            issued.kubeconfig, retry=self.config.tenant_retry
+        user = json.loads(issued.kubeconfig)["users"][0]["user"]
+        # Synchronous on purpose: the client's connector binds to the running loop.
+        client = KubeClient.with_client_certificate(
+            server,
+            ca_pem=ca_secret[pki.TLS_CRT],
+            cert_pem=base64.b64decode(user["client-certificate-data"]),
+            key_pem=base64.b64decode(user["client-key-data"]),
+            retry=self.config.tenant_retry,
+            connections=TENANT_CONNECTIONS,
         )
-        renew_at = issued.expires_at - self.config.tenant_credential_lifetime / 4
-        self._clients[intent.cluster_id] = _Tenant(client, server, ca_pem, renew_at)
-        return client
-
-    async def forget(self, cluster_id: str) -> None:
-        cached = self._clients.pop(cluster_id, None)
-        if cached is not None:
-            await cached.client.close()
-
-    async def close(self) -> None:
-        for cluster_id in list(self._clients):
-            await self.forget(cluster_id)
+        try:
+            yield client
+        finally:
+            await client.close()
 
 
 def secret_hash(data: Mapping[str, bytes]) -> str:
@@ -218,15 +207,39 @@ def endpoint_of(
     )
 
 
-def _live_node_port(service: Mapping[str, Any] | None) -> int | None:
+def _live_node_ports(service: Mapping[str, Any] | None) -> dict[str, int]:
+    """Port name -> NodePort of the live endpoint Service, if it is a NodePort Service."""
     if not service or (service.get("spec") or {}).get("type") != "NodePort":
-        return None
+        return {}
+    found = {}
     for port in service["spec"].get("ports", []):
-        if port.get("name") == "https" and port.get("nodePort"):
-            node_port = int(port["nodePort"])
-            if manifests.NODE_PORT_MIN <= node_port <= manifests.NODE_PORT_MAX:
-                return node_port
-    return None
+        node_port = port.get("nodePort")
+        if node_port and manifests.NODE_PORT_MIN <= int(node_port) <= manifests.NODE_PORT_MAX:
+            found[str(port.get("name"))] = int(node_port)
+    return found
+
+
+def _node_ports(
+    cluster_id: str, live: Mapping[str, int], attempt: int
+) -> tuple[int | None, int | None]:
+    """The NodePorts to render: what the live Service holds (a port that works never moves),
+    else, after `attempt` collisions, the next ports of the stable probe sequence."""
+    api, konnectivity = live.get("https"), live.get("konnectivity")
+    if attempt and api is None:
+        api = manifests.stable_node_port(cluster_id, "apiserver", attempt)
+    if attempt and konnectivity is None:
+        konnectivity = manifests.stable_node_port(cluster_id, "konnectivity", attempt)
+        if konnectivity == api:
+            konnectivity = manifests.stable_node_port(cluster_id, "konnectivity", attempt + 100)
+    return api, konnectivity
+
+
+class _PortTaken(Exception):
+    """The management cluster refused the endpoint Service's NodePort: another holds it."""
+
+
+NODE_PORT_ATTEMPTS = 8
+"""NodePort pairs tried before a cluster is reported Failed (NodePortUnavailable)."""
 
 
 class Reconciler:
@@ -237,15 +250,23 @@ class Reconciler:
         self.clock = clock
         self.management = ManagementCluster(config)
         self.tenants = TenantClients(config, clock)
+        self._applied: dict[str, dict[str, str]] = {}
+        """Cluster id -> REST path -> digest of what was last applied there. A pass that would
+        apply the same again skips the write (a resync forces it, to heal drift)."""
 
     async def close(self) -> None:
-        await self.tenants.close()
         await self.management.close()
 
     async def reconcile(
-        self, intent: ReconcileCluster, record: ClusterRecord
+        self, intent: ReconcileCluster, record: ClusterRecord, *, force: bool = False
     ) -> status.Observation:
-        """One pass; updates `record` (applied, upgrade_from, endpoint) as a side effect."""
+        """One pass; updates `record` (applied, upgrade_from, endpoint) as a side effect.
+
+        `force` re-applies every object even if this process applied the same before (the
+        resync does, so objects deleted or changed behind Nest's back come back).
+        """
+        if force:
+            self._applied.pop(intent.cluster_id, None)
         observation = status.Observation(
             intent.cluster_id, intent.generation, was_ready=record.was_ready
         )
@@ -259,7 +280,32 @@ class Reconciler:
             )
             return observation
         try:
-            await self._reconcile(client, intent, record, observation)
+            for attempt in range(NODE_PORT_ATTEMPTS):
+                try:
+                    await self._reconcile(client, intent, record, observation, attempt)
+                    break
+                except _PortTaken:
+                    log.info("NodePort taken; trying the next", extra=_ids(intent))
+                    observation = status.Observation(
+                        intent.cluster_id, intent.generation, was_ready=record.was_ready
+                    )
+            else:
+                observation.failure = (
+                    "NodePortUnavailable",
+                    f"{NODE_PORT_ATTEMPTS} NodePort pairs were all taken in the management "
+                    "cluster; free some or use a LoadBalancer",
+                )
+                observation.set(status.MANAGEMENT, True, "Available")
+                observation.unknown_from(status.PKI, "NodePortUnavailable", "")
+                return observation
+            changed = observation.checks.get(status.ENDPOINT)
+            if changed is not None and changed.reason == "EndpointChanged":
+                # The Service got its address during this pass: render once more for it, so
+                # certificates and the advertise address name it without waiting a pass.
+                observation = status.Observation(
+                    intent.cluster_id, intent.generation, was_ready=record.was_ready
+                )
+                await self._reconcile(client, intent, record, observation)
         except KubeUnavailable as exc:
             observation.checks.clear()
             observation.set(
@@ -282,6 +328,7 @@ class Reconciler:
         intent: ReconcileCluster,
         record: ClusterRecord,
         observation: status.Observation,
+        port_attempt: int = 0,
     ) -> None:
         namespace = names.namespace_for(intent.name)
         deployment_path = (
@@ -308,13 +355,17 @@ class Reconciler:
             record.upgrade_from = deployed
 
         endpoint, _, _ = endpoint_of(intent, live_service, self.config.node_address)
+        api_port, konnectivity_port = _node_ports(
+            intent.cluster_id, _live_node_ports(live_service), port_attempt
+        )
         base = manifests.RenderSettings(
             image_registry=self.config.image_registry,
-            node_port=_live_node_port(live_service),
+            node_port=api_port,
+            konnectivity_node_port=konnectivity_port,
             endpoint_host=endpoint.host if endpoint else None,
         )
         namespace_object = manifests.namespace(intent)
-        await client.apply(manifests.resource_path(namespace_object), namespace_object)
+        await self._apply(client, intent.cluster_id, namespace_object, need_answer=False)
         record.applied = True
 
         secrets = await self._reconcile_pki(client, intent, endpoint, base, observation)
@@ -322,13 +373,23 @@ class Reconciler:
         render = manifests.RenderSettings(
             image_registry=base.image_registry,
             node_port=base.node_port,
+            konnectivity_node_port=base.konnectivity_node_port,
             endpoint_host=base.endpoint_host,
             secret_hashes=hashes,
         )
         applied: dict[tuple[str, str], dict[str, Any]] = {}
         for obj in manifests.render_cluster(intent, render)[1:]:
-            answer = await client.apply(manifests.resource_path(obj), obj)
-            applied[(obj["kind"], obj["metadata"]["name"])] = answer
+            key = (obj["kind"], obj["metadata"]["name"])
+            try:
+                answer = await self._apply(
+                    client, intent.cluster_id, obj, need_answer=key in _OBSERVED
+                )
+            except KubeRejected as exc:
+                if key == ("Service", names.API_SERVICE) and "already allocated" in str(exc):
+                    raise _PortTaken from exc
+                raise
+            if answer is not None:
+                applied[key] = answer
 
         ok, message = statefulset_ready(
             applied[("StatefulSet", names.ETCD_STATEFULSET)], intent.spec.datastore.replicas
@@ -384,6 +445,29 @@ class Reconciler:
             )
             return
         await self._reconcile_addons(intent, endpoint, secrets[names.SECRET_CA], observation)
+
+    async def _apply(
+        self,
+        client: KubeClient,
+        cluster_id: str,
+        obj: Mapping[str, Any],
+        *,
+        need_answer: bool,
+    ) -> dict[str, Any] | None:
+        """Server-side apply `obj` unless this process applied exactly it before; then only
+        read it back if the caller needs its status (or recreate it if it went away)."""
+        path = manifests.resource_path(obj)
+        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        applied = self._applied.setdefault(cluster_id, {})
+        if applied.get(path) == digest:
+            if not need_answer:
+                return None
+            live = await client.get(path)
+            if live is not None:
+                return live
+        answer = await client.apply(path, obj)
+        applied[path] = digest
+        return answer
 
     async def _reconcile_pki(
         self,
@@ -471,9 +555,9 @@ class Reconciler:
             ),
         )
         try:
-            tenant = await self.tenants.client(intent, endpoint.url, ca_secret)
-            await tenant.ping()
-            await apply_in_order(tenant, objects)
+            async with self.tenants.client(intent, endpoint.url, ca_secret) as tenant:
+                await tenant.ping()
+                await apply_in_order(tenant, objects, concurrency=TENANT_CONNECTIONS)
         except KubeUnavailable as exc:
             observation.set(
                 status.ADDONS,
@@ -494,7 +578,7 @@ class Reconciler:
         terminating at the deadline, and `KubeNotConfigured` without a management cluster.
         """
         client = await self.management.client()
-        await self.tenants.forget(intent.cluster_id)
+        self._applied.pop(intent.cluster_id, None)
         path = f"/api/v1/namespaces/{names.namespace_for(intent.name)}"
         await client.delete(path)
         deadline = time.monotonic() + self.config.delete_timeout_seconds
@@ -548,12 +632,32 @@ class Reconciler:
         return result
 
 
+def _ids(intent: ReconcileCluster) -> dict[str, object]:
+    return {"clusterId": intent.cluster_id, "generation": intent.generation}
+
+
 _CLUSTER_SCOPED = frozenset({"ClusterRole", "ClusterRoleBinding", "Namespace"})
+_OBSERVED = frozenset(
+    {
+        ("StatefulSet", names.ETCD_STATEFULSET),
+        ("Deployment", names.CONTROL_PLANE_DEPLOYMENT),
+        ("Service", names.API_SERVICE),
+    }
+)
+"""Objects whose status a pass reads."""
 
 
-async def apply_in_order(client: KubeClient, objects: Sequence[Mapping[str, Any]]) -> None:
-    """Cluster-scoped objects first, then the rest; each group concurrently."""
+async def apply_in_order(
+    client: KubeClient, objects: Sequence[Mapping[str, Any]], *, concurrency: int
+) -> None:
+    """Cluster-scoped objects first, then the rest; each group `concurrency` at a time."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def apply(obj: Mapping[str, Any]) -> None:
+        async with limit:
+            await client.apply(manifests.resource_path(obj), obj)
+
     first = [obj for obj in objects if obj["kind"] in _CLUSTER_SCOPED]
     rest = [obj for obj in objects if obj["kind"] not in _CLUSTER_SCOPED]
     for group in (first, rest):
-        await asyncio.gather(*(client.apply(manifests.resource_path(obj), obj) for obj in group))
+        await asyncio.gather(*(apply(obj) for obj in group))

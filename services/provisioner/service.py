@@ -218,12 +218,12 @@ class ProvisionerService:
 
     # Passes
 
-    async def _pass(self, record: ClusterRecord) -> bool:
+    async def _pass(self, record: ClusterRecord, *, force: bool = False) -> bool:
         """Reconcile `record` once (the caller holds its lock); True when nothing is left."""
         assert record.intent is not None
         before = record.model_dump_json()
         async with self._passes:
-            observation = await self.reconciler.reconcile(record.intent, record)
+            observation = await self.reconciler.reconcile(record.intent, record, force=force)
         self.passes += 1
         event = status.build_status(observation, record.conditions, self.clock())
         digest = hashlib.sha256(repr(status.fingerprint(event)).encode()).hexdigest()
@@ -334,7 +334,7 @@ class ProvisionerService:
                 return
             if record.intent is None:
                 return
-            done = await self._pass(record)
+            done = await self._pass(record, force=True)
         if not done:
             self._follow(cluster_id)
 

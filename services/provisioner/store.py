@@ -112,9 +112,7 @@ class Leases:
         return True
 
     async def release(self, name: str, holder: str) -> None:
-        with contextlib.suppress(
-            nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError
-        ):
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             entry = await self.kv.get(name)
             if entry.value is not None and entry.value.decode() == holder:
                 with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):

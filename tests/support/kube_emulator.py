@@ -401,7 +401,10 @@ async def _body(raw: aiohttp.web.BaseRequest) -> Obj:
     text = await raw.text()
     if not text:
         return {}
-    loaded = yaml.safe_load(text)  # JSON is YAML; apply patches may be either
+    try:
+        loaded = json.loads(text)
+    except ValueError:
+        loaded = yaml.safe_load(text)  # apply patches may be YAML
     if not isinstance(loaded, dict):
         raise Problem(400, "BadRequest", "the body is not an object")
     return loaded

@@ -3,6 +3,7 @@ readiness, tenant add-ons, changes, deletion, kubeconfigs, and status back in th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -363,3 +364,57 @@ class TestWithoutManagementCluster:
             # Deleting works too: nothing was ever created.
             await api.delete(f"/api/v1/clusters/{created['id']}")
             await wait_cluster(api, created["id"], lambda c: c.get("status") == 404)
+
+
+class TestNodePorts:
+    async def test_a_taken_node_port_moves_to_the_next_stable_one(
+        self,
+        bus: Bus,
+        settings: Settings,
+        nats_url: str,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        cluster_id = "c-nodeport-taken"
+        taken = manifests.stable_node_port(cluster_id, "apiserver", 0)
+        async with httpx.AsyncClient(base_url=management.url) as kube:
+            namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}}
+            assert (await kube.post("/api/v1/namespaces", json=namespace)).status_code == 200
+            holder = {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "holder", "namespace": "other"},
+                "spec": {"type": "NodePort", "ports": [{"port": 1, "nodePort": taken}]},
+            }
+            response = await kube.post("/api/v1/namespaces/other/services", json=holder)
+            assert response.status_code == 200, response.text
+        configured = provisioner_settings(settings, management.kubeconfig, node_address="192.0.2.7")
+        async with running_provisioner(configured, nats_url):
+            intent = ReconcileCluster.model_validate(
+                {
+                    "clusterId": cluster_id,
+                    "name": "taken",
+                    "generation": 1,
+                    "spec": {"network": {"serviceType": "NodePort"}},
+                }
+            )
+            await bus.publish(intent, source="api", subject=cluster_id)
+            expected = manifests.stable_node_port(cluster_id, "apiserver", 1)
+            for _ in range(200):
+                service = management.emulator.get(
+                    "v1/services", names.namespace_for("taken"), names.API_SERVICE
+                )
+                live = deployment_or_none(management, "taken")
+                if service is not None and live is not None:
+                    break
+                await asyncio.sleep(0.05)
+        assert service is not None and live is not None
+        assert service["spec"]["ports"][0]["nodePort"] == expected
+        apiserver = live["spec"]["template"]["spec"]["containers"][0]
+        assert f"--secure-port={expected}" in apiserver["args"]
+
+
+def deployment_or_none(management: ManagementCluster, name: str) -> dict[str, Any] | None:
+    return management.emulator.get(
+        "apps/v1/deployments", names.namespace_for(name), names.CONTROL_PLANE_DEPLOYMENT
+    )

@@ -221,8 +221,10 @@ class SqliteSnapshot:
         self._finished = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        if not self.path.is_file():
+        if not await asyncio.to_thread(self.path.is_file):
             raise errors.DumpError(f"SQLite database {self.path} does not exist")
+        if self.scratch_dir is not None:
+            await asyncio.to_thread(self.scratch_dir.mkdir, parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="nest-sqlite-", dir=self.scratch_dir) as directory:
             copy = Path(directory) / "foundry.sqlite3"
             await asyncio.to_thread(_sqlite_copy, self.path, copy)

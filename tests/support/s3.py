@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.parts import find_binary, free_port, missing
+from tests.support.parts import find_binary, missing
 
 READY_TIMEOUT = 30.0
 PORT_FLAGS = (
@@ -56,9 +56,22 @@ class SeaweedS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3.port']}"
 
-    def start(self) -> None:
-        if not self.ports:
-            self.ports = {flag: free_port() for flag in PORT_FLAGS}
+    def start(self, attempts: int = 3) -> None:
+        """Start (or restart on the same ports); a first start retries on fresh ports, since
+        another process may take a free port between our probe and weed's bind."""
+        fresh = not self.ports
+        for attempt in range(attempts if fresh else 1):
+            if fresh:
+                self.ports = distinct_free_ports(PORT_FLAGS)
+            try:
+                self._start_once()
+            except RuntimeError:
+                if attempt + 1 >= (attempts if fresh else 1):
+                    raise
+            else:
+                return
+
+    def _start_once(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "s3.json"
         config.write_text(
@@ -163,6 +176,22 @@ class SeaweedS3:
     def multipart_uploads(self, bucket: str) -> list[str]:
         uploads = self.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
         return [upload["Key"] for upload in uploads]
+
+
+def distinct_free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """Free loopback ports, all different: every probe socket stays open until all are found."""
+    import socket
+
+    sockets = []
+    try:
+        for _ in names:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return {name: sock.getsockname()[1] for name, sock in zip(names, sockets, strict=True)}
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _listening(port: int) -> bool:

@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel
 
+from libs.common.contract.backup import BackupCompleted, BackupFailed, BackupStarted, RunBackup
 from libs.common.contract.base import WireModel
 from libs.common.contract.cluster import (
     ClusterDeleted,
@@ -87,6 +88,34 @@ MESSAGES: tuple[MessageType, ...] = (
         kind="event",
         payload=ClusterDeleted,
         summary="A cluster and everything Nest created for it are gone.",
+    ),
+    MessageType(
+        type="io.nest.backup.run.v1",
+        subject=intent_subject("backup", "run"),
+        kind="intent",
+        payload=RunBackup,
+        summary="Take one backup of a target (the Foundry DB or a cluster's etcd) now.",
+    ),
+    MessageType(
+        type="io.nest.backup.started.v1",
+        subject=event_subject("backup", "started"),
+        kind="event",
+        payload=BackupStarted,
+        summary="A backup run began.",
+    ),
+    MessageType(
+        type="io.nest.backup.completed.v1",
+        subject=event_subject("backup", "completed"),
+        kind="event",
+        payload=BackupCompleted,
+        summary="A backup is stored and verified; retention may have pruned older ones.",
+    ),
+    MessageType(
+        type="io.nest.backup.failed.v1",
+        subject=event_subject("backup", "failed"),
+        kind="event",
+        payload=BackupFailed,
+        summary="A backup run failed; no incomplete backup is listed.",
     ),
 )
 

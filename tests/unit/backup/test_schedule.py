@@ -93,7 +93,7 @@ moments = st.datetimes(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(expression=expressions, moment=moments)
 def test_matches_croniter(expression: str, moment: datetime) -> None:
     ours = CronSchedule.parse(expression).next_after(moment)

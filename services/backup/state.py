@@ -1,0 +1,143 @@
+"""The backup service's small bookkeeping in JetStream key-value buckets: schedules and leases.
+
+- `nest_backup_schedules`: one entry per target (`ScheduleRecord`: cron, kind, cluster, and the
+  firing time of the last run). The API will write cluster schedules here; the Foundry DB
+  schedule comes from settings. Updates use the entry's revision, so two replicas never both
+  advance the same schedule.
+- `nest_backup_leases`: named leases with a TTL; the replica holding `scheduler` emits the
+  scheduled runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import datetime
+
+import nats.js.errors
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from libs.common.bus import Bus
+from libs.common.contract.backup import BackupKind
+from libs.common.contract.base import WireModel
+
+SCHEDULES_BUCKET = "nest_backup_schedules"
+LEASES_BUCKET = "nest_backup_leases"
+
+
+class ScheduleRecord(WireModel):
+    """A backup schedule of one target."""
+
+    target: str
+    kind: BackupKind
+    cron: str
+    cluster_id: str | None = None
+    kubernetes_version: str | None = None
+    last_run: datetime | None = None
+    """The firing time the last emitted run stood for; None: not run yet."""
+
+
+async def _bucket(bus: Bus, config: KeyValueConfig) -> KeyValue:
+    js = bus.nc.jetstream()
+    config.storage = StorageType.FILE
+    try:
+        return await js.key_value(str(config.bucket))
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:
+        return await js.key_value(str(config.bucket))  # another replica created it meanwhile
+
+
+class Schedules:
+    """Schedule records by target, with compare-and-set updates."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, bus: Bus) -> Schedules:
+        return cls(await _bucket(bus, KeyValueConfig(bucket=SCHEDULES_BUCKET, history=1)))
+
+    async def all(self) -> list[tuple[ScheduleRecord, int]]:
+        """Every valid record with its revision (malformed entries are skipped)."""
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        found: list[tuple[ScheduleRecord, int]] = []
+        for key in keys:
+            entry = await self.get(key)
+            if entry is not None:
+                found.append(entry)
+        return found
+
+    async def get(self, target: str) -> tuple[ScheduleRecord, int] | None:
+        try:
+            entry = await self.kv.get(target)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        try:
+            return ScheduleRecord.model_validate_json(entry.value), entry.revision
+        except ValidationError:
+            return None
+
+    async def put(self, record: ScheduleRecord, revision: int | None) -> bool:
+        """Create (revision None) or update at `revision`; False if someone changed it first."""
+        data = record.model_dump_json(by_alias=True).encode()
+        try:
+            if revision is None:
+                await self.kv.create(record.target, data)
+            else:
+                await self.kv.update(record.target, data, last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def delete(self, target: str) -> None:
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            await self.kv.delete(target)
+
+
+class Leases:
+    """Named leases with a TTL; `hold` takes or renews one for `holder`."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, bus: Bus, ttl_seconds: float) -> Leases:
+        return cls(
+            await _bucket(bus, KeyValueConfig(bucket=LEASES_BUCKET, history=1, ttl=ttl_seconds))
+        )
+
+    async def hold(self, name: str, holder: str) -> bool:
+        """Take the lease, or renew it if `holder` has it; False while someone else does."""
+        try:
+            await self.kv.create(name, holder.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        else:
+            return True
+        try:
+            entry = await self.kv.get(name)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return False
+        if entry.value is None or entry.value.decode() != holder or entry.revision is None:
+            return False
+        try:
+            await self.kv.update(name, holder.encode(), last=entry.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def release(self, name: str, holder: str) -> None:
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            entry = await self.kv.get(name)
+            if entry.value is not None and entry.value.decode() == holder:
+                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                    await self.kv.delete(name, last=entry.revision)

@@ -124,6 +124,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--child")
+    parser.add_argument(
+        "--scenarios",
+        default="all",
+        help="comma list of transport-plain|encrypted-verify|noverify, e.g. grpc-plain-verify",
+    )
     args = parser.parse_args()
     if args.child:
         child_main(args.child)
@@ -166,6 +171,14 @@ def main() -> None:
                 ("grpc", True, True),
                 ("gateway", True, True),
             ]
+            if args.scenarios != "all":
+                wanted = set(args.scenarios.split(","))
+                scenarios = [
+                    (t, e, v)
+                    for t, e, v in scenarios
+                    if f"{t}-{'encrypted' if e else 'plain'}-{'verify' if v else 'noverify'}"
+                    in wanted
+                ]
             refs: dict[bool, str] = {}
             for transport, encrypted, verify in scenarios:
                 label = "encrypted" if encrypted else "plain"

@@ -202,7 +202,9 @@ class Listing:
     complete: list[Manifest]
     """Backups with a valid manifest, oldest first."""
     incomplete: dict[BackupRef, datetime]
-    """Folders without a (valid) manifest, with the time of their newest object."""
+    """Folders without a manifest, with the time of their newest object."""
+    unreadable: dict[BackupRef, str]
+    """Folders whose manifest cannot be read, with the reason; kept, never cleaned up."""
 
 
 async def scan(store: ObjectStore, target: str | None = None) -> Listing:
@@ -216,15 +218,19 @@ async def scan(store: ObjectStore, target: str | None = None) -> Listing:
         folders.setdefault(ref, {})[filename] = info.modified
     complete: list[Manifest] = []
     incomplete: dict[BackupRef, datetime] = {}
+    unreadable: dict[BackupRef, str] = {}
     for ref, files in sorted(folders.items()):
-        if MANIFEST_NAME in files:
-            try:
-                complete.append(await read_manifest(store, ref))
-                continue
-            except (errors.ManifestInvalid, errors.ManifestMissing) as exc:
-                log.warning("unreadable manifest", extra={"backup": str(ref), "error": str(exc)})
-        incomplete[ref] = max(files.values())
-    return Listing(complete, incomplete)
+        if MANIFEST_NAME not in files:
+            incomplete[ref] = max(files.values())
+            continue
+        try:
+            complete.append(await read_manifest(store, ref))
+        except (errors.ManifestInvalid, errors.ManifestMissing) as exc:
+            # Not restorable by this Nest, but never treated as abandoned: it may be a newer
+            # format or need a human. Listed apart, never deleted automatically.
+            log.warning("unreadable manifest", extra={"backup": str(ref), "error": str(exc)})
+            unreadable[ref] = str(exc)
+    return Listing(complete, incomplete, unreadable)
 
 
 async def list_backups(store: ObjectStore, target: str | None = None) -> list[Manifest]:

@@ -10,7 +10,7 @@ from datetime import datetime
 from importlib import metadata
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from libs.common.contract.base import WireModel
 from services.backup import errors
@@ -60,7 +60,12 @@ class DatabaseDetails(WireModel):
 
 
 class Manifest(WireModel):
-    """Everything needed to trust, find and restore one backup."""
+    """Everything needed to trust, find and restore one backup.
+
+    Unknown fields are ignored, not refused: a manifest written by a newer Nest (fields are
+    only ever added) must stay readable by an older replica during a rolling upgrade."""
+
+    model_config = ConfigDict(extra="ignore")
 
     format_version: int = FORMAT_VERSION
     target: str

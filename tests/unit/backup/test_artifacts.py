@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -111,6 +112,24 @@ async def test_invalid_manifest_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(errors.ManifestInvalid, match="invalid"):
         await artifacts.read_manifest(store, manifest.ref)
     assert await artifacts.list_backups(store) == []
+    # Unreadable is not abandoned: cleanup never deletes it, however old.
+    listing = await artifacts.scan(store)
+    assert list(listing.unreadable) == [manifest.ref]
+    far = datetime.now(UTC) + timedelta(days=365)
+    assert await artifacts.cleanup_incomplete(store, far) == []
+    assert await store.exists(manifest.ref.key(manifest.artifact))
+
+
+async def test_manifest_from_a_newer_nest_with_extra_fields_is_readable(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    manifest = await store_backup(store, b"data")
+    raw = manifest.wire()
+    raw["someFutureField"] = {"added": "later"}
+    await store.put(manifest.ref.manifest_key, iterate(json.dumps(raw).encode()))
+    assert [m.backup_id for m in await artifacts.list_backups(store)] == [manifest.backup_id]
+    out = tmp_path / "out"
+    await artifacts.download(store, manifest.ref, out)
+    assert out.read_bytes() == b"data"
 
 
 async def test_failed_source_leaves_no_artifact_and_no_manifest(tmp_path: Path) -> None:

@@ -68,8 +68,8 @@ async def write_backup(
     name = artifact_name(kind, keyring is not None)
     key = ref.key(name)
     plain = Measured(source)
-    stream: AsyncIterable[bytes] = crypto.encrypt(plain, keyring) if keyring else plain
-    stored = Measured(stream)
+    # Unencrypted, the stored bytes are the plaintext: hash them once, not twice.
+    stored = Measured(crypto.encrypt(plain, keyring)) if keyring else plain
     try:
         written = await store.put(key, stored)
         _check_upload(key, plain, stored, written)
@@ -140,15 +140,14 @@ async def _checked(
     """The plaintext of a backup, raising at the end if any size or hash differs."""
     key = manifest.ref.key(manifest.artifact)
     stored = Measured(store.get(key))
-    plaintext: AsyncIterable[bytes] = stored
+    plain = stored
     if manifest.encryption is not None:
         if keyring is None:
             raise errors.UnknownKey(
                 f"backup {manifest.ref} is encrypted with key id "
                 f"{manifest.encryption.key_id!r} but no encryption keys are configured"
             )
-        plaintext = crypto.decrypt(stored, keyring)
-    plain = Measured(plaintext)
+        plain = Measured(crypto.decrypt(stored, keyring))
     async for chunk in plain:
         yield chunk
     if (stored.size, stored.sha256) != (manifest.stored_size, manifest.stored_sha256):

@@ -216,3 +216,27 @@ async def test_sqlite_restore_refuses_a_non_database(tmp_path: Path) -> None:
     with pytest.raises(errors.RestoreError, match=r"not a SQLite database|integrity"):
         await restore_sqlite(junk, destination)
     assert len(sqlite_rows(destination)) == 3  # untouched
+
+
+@pytest.mark.postgres
+async def test_restore_module_puts_the_foundry_back(
+    new_database: NewDatabase, s3_store: S3Store, keyring: crypto.Keyring, tmp_path: Path
+) -> None:
+    from services.backup import restore
+
+    require_pg_tools()
+    source = await new_database()
+    await seed(source)
+    dump = PostgresDump(PostgresTarget.from_url(source))
+    manifest = await artifacts.write_backup(
+        s3_store, new_ref("foundry", datetime.now(UTC)), "postgres", dump.chunks(), keyring=keyring
+    )
+    target = await new_database()
+    await restore.restore_foundry(s3_store, manifest.ref, target, keyring=keyring)
+    assert await rows(target) == await rows(source)
+    # Over an existing Foundry DB: --clean replaces it.
+    connection = await asyncpg.connect(target)
+    await connection.execute("DELETE FROM outbox")
+    await connection.close()
+    await restore.restore_foundry(s3_store, manifest.ref, target, keyring=keyring, clean=True)
+    assert await rows(target) == await rows(source)

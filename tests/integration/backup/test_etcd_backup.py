@@ -161,3 +161,20 @@ async def test_wrong_client_certificate_is_refused(
 
 async def _once(data: bytes):  # type: ignore[no-untyped-def]
     yield data
+
+
+async def test_restore_module_drill_and_member_restore(
+    s3_store: S3Store, etcd_with_data: EtcdServer, keyring: crypto.Keyring, tmp_path: Path
+) -> None:
+    from services.backup import restore
+
+    manifest = await take_backup(s3_store, etcd_with_data, keyring)
+    assert manifest.etcd is not None
+    result = await restore.drill(s3_store, manifest.ref, keyring=keyring, scratch_dir=tmp_path)
+    assert (result.revision, result.key_count) == (manifest.etcd.revision, manifest.etcd.key_count)
+    data_dir = tmp_path / "member"
+    await restore.restore_etcd(s3_store, manifest.ref, data_dir, keyring=keyring)
+    assert (data_dir / "member" / "snap" / "db").is_file()
+    assert not list(tmp_path.glob("nest-*"))  # scratch files are gone
+    with pytest.raises(errors.RestoreError, match="is of kind 'etcd'; this restore needs 'sqlite'"):
+        await restore.restore_foundry(s3_store, manifest.ref, f"sqlite:///{tmp_path / 'x.db'}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import secrets
 import socket
@@ -32,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from services.backup import errors
 from services.backup.streams import collect, iterate, rechunk
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 """Bytes per chunk when a store streams an object back."""
@@ -251,6 +254,8 @@ class S3Config(BaseModel):
     """Attempts per request (botocore's standard retry mode)."""
     verify: bool | str = True
     """TLS verification: True, False, or a CA bundle path."""
+    resume_attempts: int = Field(default=5, ge=0)
+    """Times a download broken off mid-stream is resumed (ranged GET) before it fails."""
 
 
 _METADATA_NETWORKS = tuple(
@@ -343,6 +348,11 @@ def translate(exc: BaseException, what: str) -> errors.BackupError:
     return errors.StoreError(f"{what}: {type(exc).__name__}: {exc}")
 
 
+def _resumable(error: errors.BackupError) -> bool:
+    """Worth retrying: the endpoint went away (restarting, network), not a refusal."""
+    return isinstance(error, errors.EndpointUnreachable) or type(error) is errors.StoreError
+
+
 def _raise_failed(tasks: list[asyncio.Task[dict[str, Any]]]) -> None:
     for task in tasks:
         if task.done() and not task.cancelled() and (failure := task.exception()) is not None:
@@ -357,6 +367,8 @@ class S3Store:
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._lock = asyncio.Lock()
+        self.resumed = 0
+        """Downloads resumed after breaking off (for logs and tests)."""
 
     def __repr__(self) -> str:
         return f"S3Store({self.description})"
@@ -505,24 +517,45 @@ class S3Store:
         return total
 
     async def get(self, key: str) -> AsyncIterator[bytes]:
+        """Stream the object; a download broken off mid-way resumes with a ranged GET from
+        where it stopped (pinned to the same version by ETag), up to `resume_attempts` times."""
         full = self._key(key)
         client = await self.client()
-        try:
-            response = await client.get_object(Bucket=self.config.bucket, Key=full)
-        except Exception as exc:
-            raise translate(exc, f"get {full}") from exc
-        body = response["Body"]
-        try:
-            while True:
-                try:
-                    chunk = await body.read(READ_CHUNK)
-                except Exception as exc:
-                    raise translate(exc, f"read {full}") from exc
-                if not chunk:
-                    break
-                yield chunk
-        finally:
-            body.close()
+        offset = 0
+        etag: str | None = None
+        failures = 0
+        while True:
+            request: dict[str, Any] = {"Bucket": self.config.bucket, "Key": full}
+            if offset:
+                request["Range"] = f"bytes={offset}-"
+                if etag:
+                    request["IfMatch"] = etag
+            try:
+                response = await client.get_object(**request)
+            except Exception as exc:
+                error = translate(exc, f"get {full}")
+                failures += 1
+                if offset == 0 or not _resumable(error) or failures > self.config.resume_attempts:
+                    raise error from exc
+                await asyncio.sleep(min(0.5 * 2**failures, 10.0))
+                continue
+            etag = etag or response.get("ETag")
+            body = response["Body"]
+            try:
+                while chunk := await body.read(READ_CHUNK):
+                    offset += len(chunk)
+                    yield chunk
+                return
+            except Exception as exc:
+                error = translate(exc, f"read {full} at byte {offset}")
+                failures += 1
+                if failures > self.config.resume_attempts:
+                    raise error from exc
+                self.resumed += 1
+                log.warning("download broken off; resuming", extra={"key": full, "at": offset})
+                await asyncio.sleep(min(0.5 * 2**failures, 10.0))
+            finally:
+                body.close()
 
     async def head(self, key: str) -> ObjectInfo | None:
         full = self._key(key)

@@ -78,3 +78,25 @@ async def test_incomplete_backup_in_progress_survives_cleanup(s3_store: S3Store)
     removed = await artifacts.cleanup_incomplete(s3_store, datetime.now(UTC) + timedelta(days=1))
     assert removed == [ref]
     assert await s3_store.list("") == []
+
+
+async def test_download_resumes_after_the_server_comes_back(own_s3: SeaweedS3) -> None:
+    """A restore of a large backup survives the store restarting mid-download."""
+    bucket = own_s3.new_bucket()
+    store = S3Store(s3_config(own_s3, bucket, resume_attempts=8))
+    data = os.urandom(48 << 20)
+    try:
+        await store.put("t/x/big", iterate(data))
+        received = bytearray()
+        restarted: asyncio.Task[None] | None = None
+        async for chunk in store.get("t/x/big"):
+            received += chunk
+            if restarted is None and len(received) >= 4 << 20:
+                await asyncio.to_thread(own_s3.stop)
+                restarted = asyncio.create_task(asyncio.to_thread(own_s3.start))
+        assert restarted is not None
+        await restarted
+        assert bytes(received) == data
+        assert store.resumed >= 1
+    finally:
+        await store.close()

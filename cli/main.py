@@ -33,8 +33,24 @@ def _run_api(settings: Settings) -> None:
     run(settings)
 
 
+def _run_provisioner(settings: Settings) -> None:
+    from services.provisioner.main import run
+
+    run(settings)
+
+
+def _run_backup(settings: Settings) -> None:
+    from services.backup.main import run
+
+    run(settings)
+
+
 # Every service that exists, in start order. `nest up` runs each as its own process.
-SERVICES: dict[str, Callable[[Settings], None]] = {"api": _run_api}
+SERVICES: dict[str, Callable[[Settings], None]] = {
+    "api": _run_api,
+    "provisioner": _run_provisioner,
+    "backup": _run_backup,
+}
 
 
 def _settings() -> Settings:
@@ -76,7 +92,9 @@ def _wait_for(path: Path, seconds: float) -> bool:
 
 
 @app.command("run")
-def run_service(service: Annotated[str, typer.Argument(help="api")]) -> None:
+def run_service(
+    service: Annotated[str, typer.Argument(help="api, provisioner or backup")],
+) -> None:
     """Run one service in the foreground (what compose and Helm use)."""
     runner = SERVICES.get(service)
     if runner is None:

@@ -8,15 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
-from libs.common.bus import Bus
-from libs.common.contract import INTENTS_STREAM, Envelope
-from libs.common.contract.cluster import ClusterEndpoint, ClusterStatusChanged, Condition
 from tests.support.parts import free_port
 from tests.support.processes import (
     ADMIN_TOKEN,
@@ -41,48 +37,6 @@ def wait_for_tree(pid: int, minimum: int, timeout: float = 30.0) -> list[int]:
     raise AssertionError(f"nest up has {process_tree(pid)} children, expected {minimum}")
 
 
-async def provisioner_stand_in(nats_url: str) -> Envelope:
-    """Take one reconcile intent and report the cluster Ready, as the provisioner will."""
-    bus = Bus([nats_url], name="stand-in-provisioner")
-    await bus.connect()
-    sub = await bus.nc.jetstream().pull_subscribe(
-        "nest.intent.provisioner.>", durable="provisioner", stream=INTENTS_STREAM
-    )
-    try:
-        for _ in range(100):
-            try:
-                [msg] = await sub.fetch(1, timeout=0.5)
-                break
-            except Exception:
-                continue
-        else:
-            raise AssertionError("no intent arrived")
-        envelope = Envelope.from_bytes(msg.data)
-        await bus.publish(
-            ClusterStatusChanged(
-                cluster_id=envelope.data["clusterId"],
-                observed_generation=envelope.data["generation"],
-                phase="Ready",
-                conditions=[
-                    Condition(
-                        type="ControlPlaneReady",
-                        status="True",
-                        reason="Available",
-                        last_transition_time=datetime.now(UTC),
-                    )
-                ],
-                endpoint=ClusterEndpoint(host="192.0.2.10", port=6443),
-            ),
-            source="provisioner",
-            subject=envelope.subject,
-            correlation=envelope.correlationid,
-        )
-        await msg.ack_sync()
-        return envelope
-    finally:
-        await bus.close()
-
-
 async def test_nest_up_serves_the_flow_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     data = tmp_path / "data"
@@ -93,21 +47,24 @@ async def test_nest_up_serves_the_flow_and_stops_cleanly(tmp_path: Path) -> None
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/readyz", timeout=60, process=up)
-        tree = wait_for_tree(up.pid, 2)  # nats-server + api
-        nats_url = (data / "nats" / "url").read_text().strip()
+        tree = wait_for_tree(up.pid, 4)  # nats-server, api, provisioner, backup
+        assert (data / "nats" / "url").read_text().startswith("nats://127.0.0.1:")
 
         async with httpx.AsyncClient(base_url=base, headers=AUTH) as client:
             created = (await client.post("/api/v1/clusters", json={"name": "e2e"})).json()
-            intent = await provisioner_stand_in(nats_url)
-            assert intent.subject == created["id"]
-            assert intent.data["spec"] == created["spec"]
-            for _ in range(100):
+            # The real provisioner takes the intent; with no management cluster configured it
+            # reports that clearly instead of failing.
+            condition: dict[str, str] = {}
+            for _ in range(200):
                 cluster = (await client.get(f"/api/v1/clusters/{created['id']}")).json()
-                if cluster["status"]["phase"] == "Ready":
+                conditions = {c["type"]: c for c in cluster["status"]["conditions"]}
+                condition = conditions.get("ManagementClusterAvailable", {})
+                if condition:
                     break
-                await asyncio.sleep(0.05)
-            assert cluster["status"]["phase"] == "Ready"
-            assert cluster["status"]["endpoint"] == {"host": "192.0.2.10", "port": 6443}
+                await asyncio.sleep(0.1)
+            assert condition["status"] == "False", cluster
+            assert "NEST_KUBECONFIG" in condition["message"]
+            assert cluster["status"]["observedGeneration"] == 1
 
         listing = subprocess.run(
             [sys.executable, "-m", "cli.main", "clusters", "list"],
@@ -117,7 +74,7 @@ async def test_nest_up_serves_the_flow_and_stops_cleanly(tmp_path: Path) -> None
             timeout=60,
             check=True,
         )
-        assert "e2e" in listing.stdout and "Ready" in listing.stdout
+        assert "e2e" in listing.stdout and "Pending" in listing.stdout
 
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0

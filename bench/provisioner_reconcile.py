@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -30,16 +31,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kmock  # noqa: E402
-import psutil  # noqa: E402
+import kmock
+import psutil
 
-from libs.common.bus import Bus  # noqa: E402
-from libs.common.contract import Envelope  # noqa: E402
-from libs.common.contract.cluster import ClusterSpec, ReconcileCluster  # noqa: E402
-from libs.common.nats_server import EmbeddedNats  # noqa: E402
-from libs.common.settings import Settings  # noqa: E402
-from tests.support.kube_emulator import TENANT_DOMAIN  # noqa: E402
-from tests.support.kube_harness import (  # noqa: E402
+from libs.common.bus import Bus
+from libs.common.contract import Envelope
+from libs.common.contract.cluster import ClusterSpec, ReconcileCluster
+from libs.common.nats_server import EmbeddedNats
+from libs.common.settings import Settings
+from tests.support.kube_emulator import TENANT_DOMAIN
+from tests.support.kube_harness import (
     fast_config,
     management_cluster,
     reset_buckets,
@@ -49,12 +50,14 @@ from tests.support.kube_harness import (  # noqa: E402
 
 async def serve_emulators(directory: Path) -> None:
     """Child process: the management emulator and the tenant APIs until stdin closes."""
-    async with management_cluster(directory) as management:
-        async with tenant_apis(management.emulator, directory / "tenants") as tenants:
-            print(json.dumps({"kubeconfig": str(management.kubeconfig), "tenants": tenants.port}))
-            sys.stdout.flush()
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, sys.stdin.read)
+    async with contextlib.AsyncExitStack() as stack:
+        management = await stack.enter_async_context(management_cluster(directory))
+        tenants = await stack.enter_async_context(
+            tenant_apis(management.emulator, directory / "tenants")
+        )
+        print(json.dumps({"kubeconfig": str(management.kubeconfig), "tenants": tenants.port}))
+        sys.stdout.flush()
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
 def rss() -> int:
@@ -86,7 +89,7 @@ async def run(
     js = bus.nc.jetstream()
     for stream in ("NEST_INTENTS", "NEST_EVENTS"):
         await js.purge_stream(stream)
-    service = ProvisionerService(settings, config=fast_config(settings))
+    service = ProvisionerService(settings, config=fast_config(settings), first_resync_after=3600)
     provisioner_bus = Bus([nats_url], name="bench-provisioner")
     await provisioner_bus.connect()
     await service.start(provisioner_bus)
@@ -152,48 +155,49 @@ async def run(
 
 
 async def main_async(sizes: list[int]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        child = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(root)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            start_new_session=True,
-        )
-        nats = EmbeddedNats(root / "nats")
-        nats.start()
-        try:
-            assert child.stdout is not None
-            endpoints = json.loads(child.stdout.readline())
-            pattern = re.compile(rf".*\.{re.escape(TENANT_DOMAIN)}")
-            async with kmock.AiohttpInterceptor("127.0.0.1", endpoints["tenants"], pattern):
-                print(
-                    f"{'clusters':>8} {'ready':>6} {'seconds':>8} {'clusters/s':>10} "
-                    f"{'p50 s':>7} {'p95 s':>7} {'max s':>7} {'KiB/cluster':>11} {'passes':>6} "
-                    f"{'CPU ms/cl':>9} {'emu CPU ms/cl':>13}"
-                )
-                for size in sizes:
+    print(
+        f"{'clusters':>8} {'ready':>6} {'seconds':>8} {'clusters/s':>10} "
+        f"{'p50 s':>7} {'p95 s':>7} {'max s':>7} {'KiB/cluster':>11} {'passes':>6} "
+        f"{'CPU ms/cl':>9} {'emu CPU ms/cl':>13}"
+    )
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            # A fresh emulator and NATS per size, so runs do not see each other's clusters.
+            child = subprocess.Popen(
+                [sys.executable, __file__, "--serve", str(root)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                start_new_session=True,
+            )
+            nats = EmbeddedNats(root / "nats")
+            nats.start()
+            try:
+                assert child.stdout is not None
+                endpoints = json.loads(child.stdout.readline())
+                pattern = re.compile(rf".*\.{re.escape(TENANT_DOMAIN)}")
+                async with kmock.AiohttpInterceptor("127.0.0.1", endpoints["tenants"], pattern):
                     figures = await run(
                         size, nats.url, Path(endpoints["kubeconfig"]), root, child.pid
                     )
-                    print(
-                        f"{figures['clusters']:>8.0f} {figures['ready']:>6.0f} "
-                        f"{figures['seconds']:>8.2f} {figures['throughput']:>10.1f} "
-                        f"{figures['p50']:>7.2f} {figures['p95']:>7.2f} {figures['max']:>7.2f} "
-                        f"{figures['rss_per_cluster_kib']:>11.0f} "
-                        f"{figures['passes_per_cluster']:>6.1f} "
-                        f"{figures['cpu_ms_per_cluster']:>9.0f} "
-                        f"{figures['emulator_cpu_ms_per_cluster']:>13.0f}",
-                        flush=True,
-                    )
-        finally:
-            nats.stop()
-            if child.stdin is not None:
-                child.stdin.close()
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, 9)
+                print(
+                    f"{figures['clusters']:>8.0f} {figures['ready']:>6.0f} "
+                    f"{figures['seconds']:>8.2f} {figures['throughput']:>10.1f} "
+                    f"{figures['p50']:>7.2f} {figures['p95']:>7.2f} {figures['max']:>7.2f} "
+                    f"{figures['rss_per_cluster_kib']:>11.0f} "
+                    f"{figures['passes_per_cluster']:>6.1f} "
+                    f"{figures['cpu_ms_per_cluster']:>9.0f} "
+                    f"{figures['emulator_cpu_ms_per_cluster']:>13.0f}",
+                    flush=True,
+                )
+            finally:
+                nats.stop()
+                if child.stdin is not None:
+                    child.stdin.close()
+                try:
+                    child.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(child.pid, 9)
 
 
 def main() -> None:

@@ -74,6 +74,7 @@ class ProvisionerService:
         *,
         config: ProvisionerConfig | None = None,
         clock: Clock = utcnow,
+        first_resync_after: float = 10.0,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -81,6 +82,8 @@ class ProvisionerService:
         self.instance = instance_name(settings)
         self.poll_interval = settings.poll_interval_seconds
         self.resync_interval = settings.resync_interval_seconds
+        self.first_resync_after = min(first_resync_after, self.resync_interval)
+        """Soon after a start, so a restart picks up what a crashed process left half done."""
         self._tasks = TaskSet()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._followers: dict[str, asyncio.Task[None]] = {}
@@ -281,8 +284,8 @@ class ProvisionerService:
 
     async def _resync_loop(self) -> None:
         assert self._leases is not None
+        await asyncio.sleep(self.first_resync_after)
         while True:
-            await asyncio.sleep(self.resync_interval)
             try:
                 if await self._leases.hold(RESYNC_LEASE, self.instance):
                     await self.resync()
@@ -290,6 +293,7 @@ class ProvisionerService:
                 raise
             except Exception:
                 log.exception("resync failed; trying again next interval")
+            await asyncio.sleep(self.resync_interval)
 
     async def resync(self) -> None:
         """Pass every known cluster again; heal drift, finish deletions, report orphans."""

@@ -145,11 +145,11 @@ def condition(cluster: dict[str, Any], type_: str) -> dict[str, Any]:
 
 
 def provisioner_process(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """The provisioner as its own process (`python -m services.provisioner.main`), in its own
+    """The provisioner as its own process (`python -m cli.main run provisioner`), in its own
     process group, output to `log`."""
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.provisioner.main"],
+            [sys.executable, "-m", "cli.main", "run", "provisioner"],
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -52,3 +52,14 @@ def test_endpoint_from_a_node_port_needs_a_node_address() -> None:
     assert endpoint_of(intent(**spec), service, "10.0.0.1")[0] == ClusterEndpoint(
         host="10.0.0.1", port=31234
     )
+
+
+def test_node_ports_keep_what_runs_and_probe_after_collisions() -> None:
+    from services.provisioner import manifests
+    from services.provisioner.reconciler import _node_ports
+
+    assert _node_ports("c-1", {"https": 31000, "konnectivity": 31001}, 3) == (31000, 31001)
+    assert _node_ports("c-1", {}, 0) == (None, None)
+    api, konnectivity = _node_ports("c-1", {}, 2)
+    assert api == manifests.stable_node_port("c-1", "apiserver", 2)
+    assert konnectivity is not None and konnectivity != api

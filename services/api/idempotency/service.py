@@ -21,6 +21,8 @@ from services.api.idempotency import repository
 from services.api.models import IdempotencyRecord, utcnow
 
 TTL = timedelta(hours=24)
+ABANDONED_AFTER = timedelta(minutes=2)
+"""An unfinished claim this old belongs to a request whose process died: it may be retried."""
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
 REPLAYED_HEADERS = ("content-type", "location", "etag")
 
@@ -74,7 +76,12 @@ async def begin(
     now = utcnow()
     async with sessions() as session:
         existing = await repository.get(session, owner, key)
-        if existing is not None and existing.expires_at <= now:
+        abandoned = (
+            existing is not None
+            and existing.status is None
+            and existing.created_at <= now - ABANDONED_AFTER
+        )
+        if existing is not None and (existing.expires_at <= now or abandoned):
             await repository.remove(session, owner, key)
             await session.commit()
             existing = None

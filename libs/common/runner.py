@@ -175,9 +175,9 @@ async def run_service(service: Service, settings: Settings, nats_url: str) -> No
     instance = instance_name(settings)
     bus = Bus(servers_from_url(nats_url), name=f"nest-{service.name}-{instance}")
     tasks = TaskSet()
-    health = HealthServer(service, bus, "127.0.0.1", settings.health_port)
+    health = HealthServer(service, bus, settings.health_host, settings.health_port)
     await health.start()
-    log.info("%s health endpoints on http://127.0.0.1:%d", service.name, health.port)
+    log.info("%s health endpoints on http://%s:%d", service.name, health.host, health.port)
 
     async def start() -> None:
         await bus.connect()

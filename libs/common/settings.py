@@ -189,6 +189,9 @@ class Settings(BaseSettings):
     backup_foundry_schedule: str = "0 * * * *"
     """Cron schedule (UTC) of the Foundry DB backup."""
 
+    health_host: str = "127.0.0.1"
+    """Where non-API services serve /healthz and /readyz (0.0.0.0 in Kubernetes)."""
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:

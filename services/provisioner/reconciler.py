@@ -580,6 +580,10 @@ class Reconciler:
         client = await self.management.client()
         self._applied.pop(intent.cluster_id, None)
         path = f"/api/v1/namespaces/{names.namespace_for(intent.name)}"
+        found = await client.get(path)
+        labels = (found or {}).get("metadata", {}).get("labels") or {}
+        if labels.get(names.CLUSTER_ID_LABEL) != intent.cluster_id:
+            return  # gone already, or it belongs to a newer cluster of the same name
         await client.delete(path)
         deadline = time.monotonic() + self.config.delete_timeout_seconds
         pause = 0.05
@@ -614,9 +618,15 @@ class Reconciler:
         )
 
     async def remove_leftovers(self, record: ClusterRecord) -> bool:
-        """Delete the namespace of a cluster whose deletion is confirmed; True if it existed."""
+        """Delete the namespace of a cluster whose deletion is confirmed, if it is still that
+        cluster's (a new cluster may have reused the name); True if one was deleted."""
         client = await self.management.client()
-        return await client.delete(f"/api/v1/namespaces/{names.namespace_for(record.name)}")
+        path = f"/api/v1/namespaces/{names.namespace_for(record.name)}"
+        found = await client.get(path)
+        labels = (found or {}).get("metadata", {}).get("labels") or {}
+        if labels.get(names.CLUSTER_ID_LABEL) != record.cluster_id:
+            return False
+        return await client.delete(path)
 
     async def labelled_namespaces(self) -> list[tuple[str, str]]:
         """(namespace, cluster id) of every namespace Nest labelled for a cluster."""

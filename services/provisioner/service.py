@@ -249,7 +249,10 @@ class ProvisionerService:
             )
         if record.model_dump_json() != before:
             await self.store.put(record)
-        return event.phase in ("Ready", "Failed")
+        # Only a refused upgrade waits for a new spec; anything else may pass on its own.
+        return event.phase == "Ready" or (
+            event.phase == "Failed" and event.reason == "UpgradeRefused"
+        )
 
     def _follow(self, cluster_id: str) -> None:
         if self._stopping or cluster_id in self._followers:

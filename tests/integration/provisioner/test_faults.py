@@ -187,6 +187,26 @@ class TestResync:
         assert emulator.get("v1/namespaces", None, "nest-stranger") is not None
 
 
+class TestNameReuse:
+    async def test_a_new_cluster_with_a_deleted_ones_name_is_left_alone(
+        self,
+        api: httpx.AsyncClient,
+        provisioner: ProvisionerService,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        first = await create(api, "reuse")
+        await wait_cluster(api, first["id"], phase("Ready"))
+        await api.delete(f"/api/v1/clusters/{first['id']}")
+        await wait_cluster(api, first["id"], lambda c: c.get("status") == 404)
+        second = await create(api, "reuse")
+        await wait_cluster(api, second["id"], phase("Ready"))
+        await provisioner.resync()  # the first one's tombstone must not touch the second
+        ns = management.emulator.get("v1/namespaces", None, names.namespace_for("reuse"))
+        assert ns is not None and ns["status"]["phase"] == "Active"
+        assert ns["metadata"]["labels"][names.CLUSTER_ID_LABEL] == second["id"]
+
+
 class TestCrash:
     async def test_sigkill_mid_reconcile_then_restart_converges_without_duplicates(
         self,

@@ -22,11 +22,11 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -35,6 +35,7 @@ from services.backup import errors
 from services.backup.streams import collect, iterate, rechunk
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 READ_CHUNK = 1 << 20
 """Bytes per chunk when a store streams an object back."""
@@ -98,6 +99,16 @@ def validate_key(key: str) -> str:
 # --- local directory -----------------------------------------------------------------------
 
 
+async def _disk(what: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking file operation in a thread; map OSError to the store error types."""
+    try:
+        return await asyncio.to_thread(function, *args, **kwargs)
+    except PermissionError as exc:
+        raise errors.AccessDenied(f"{what}: permission denied ({exc.strerror})") from None
+    except OSError as exc:
+        raise errors.StoreError(f"{what}: {exc.strerror or exc}") from None
+
+
 def _fsync_dir(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -122,23 +133,24 @@ class LocalStore:
 
     async def put(self, key: str, chunks: AsyncIterable[bytes]) -> int:
         final = self._path(key)
-        await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
+        await _disk(f"create {final.parent}", final.parent.mkdir, parents=True, exist_ok=True)
         temp = final.with_name(f".{final.name}{TEMP_MARKER}{secrets.token_hex(6)}")
-        handle = await asyncio.to_thread(temp.open, "xb")
+        handle = await _disk(f"create {temp}", temp.open, "xb")
         written = 0
         try:
             try:
+                # The source's own exceptions pass through; only disk errors are translated.
                 async for chunk in chunks:
-                    await asyncio.to_thread(handle.write, chunk)
+                    await _disk(f"write {temp}", handle.write, chunk)
                     written += len(chunk)
-                await asyncio.to_thread(handle.flush)
+                await _disk(f"write {temp}", handle.flush)
                 if self.fsync:
-                    await asyncio.to_thread(os.fsync, handle.fileno())
+                    await _disk(f"fsync {temp}", os.fsync, handle.fileno())
             finally:
                 await asyncio.to_thread(handle.close)
-            await asyncio.to_thread(os.replace, temp, final)
+            await _disk(f"rename {temp}", os.replace, temp, final)
             if self.fsync:
-                await asyncio.to_thread(_fsync_dir, final.parent)
+                await _disk(f"fsync {final.parent}", _fsync_dir, final.parent)
         except BaseException:
             with contextlib.suppress(OSError):
                 temp.unlink()

@@ -109,3 +109,18 @@ async def test_s3_store_refuses_metadata_endpoint_before_any_request() -> None:
     text = repr(store) + repr(store.config) + str(store.config.model_dump())
     assert "very-secret-value" not in text
     assert "AKIAEXAMPLE" not in text
+
+
+async def test_disk_errors_are_store_errors(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root ignores permission bits; a file where a directory should be fails for anyone.
+        (tmp_path / "blocked").write_bytes(b"")
+        store = LocalStore(tmp_path / "blocked")
+        with pytest.raises(errors.StoreError, match="create"):
+            await store.put("t/x/artifact", iterate(b"data"))
+        with pytest.raises(errors.StoreError):
+            await probe(store)
+        return
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(errors.AccessDenied, match="permission denied"):
+        await LocalStore(tmp_path / "ro").put("t/x/artifact", iterate(b"data"))

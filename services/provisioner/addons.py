@@ -54,6 +54,8 @@ class AddonInputs:
     """The cluster CA certificate (PEM), which joining workers trust."""
     image_registry: str = "registry.k8s.io"
     """Registry every image is pulled from."""
+    konnectivity_port: int = 8132
+    """Where konnectivity agents on the workers reach the server at `endpoint_host`."""
 
     @property
     def server(self) -> str:
@@ -73,6 +75,7 @@ def render_addons(intent: ReconcileCluster, inputs: AddonInputs) -> list[Manifes
         objects += kube_proxy(intent, inputs)
     if addons.konnectivity.enabled:
         objects += konnectivity_rbac()
+        objects.append(konnectivity_agent(intent, inputs))
     return objects
 
 
@@ -604,3 +607,81 @@ def konnectivity_rbac() -> list[Manifest]:
             ),
         },
     ]
+
+
+def konnectivity_agent(intent: ReconcileCluster, inputs: AddonInputs) -> Manifest:
+    """The agent on every worker: dials the server at the public endpoint and proxies the API
+    server's traffic to nodes, pods and Services over that tunnel."""
+    labels = {"k8s-app": "konnectivity-agent"}
+    tag = release(intent.spec.kubernetes_version).konnectivity
+    token_dir = "/var/run/secrets/tokens"
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _meta("konnectivity-agent", KUBE_SYSTEM, "konnectivity"),
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": manifests.KONNECTIVITY_AGENT_SERVICE_ACCOUNT,
+                    "priorityClassName": "system-node-critical",
+                    "tolerations": [{"operator": "Exists"}],
+                    "nodeSelector": {"kubernetes.io/os": "linux"},
+                    "containers": [
+                        {
+                            "name": "konnectivity-agent",
+                            "image": manifests.image(
+                                manifests.RenderSettings(image_registry=inputs.image_registry),
+                                "kas-network-proxy/proxy-agent",
+                                tag,
+                            ),
+                            "command": ["/proxy-agent"],
+                            "args": [
+                                "--logtostderr=true",
+                                f"--ca-cert={SERVICE_ACCOUNT_DIR}/ca.crt",
+                                f"--proxy-server-host={inputs.endpoint_host}",
+                                f"--proxy-server-port={inputs.konnectivity_port}",
+                                f"--admin-server-port={manifests.KONNECTIVITY_ADMIN_PORT}",
+                                f"--health-server-port={manifests.KONNECTIVITY_HEALTH_PORT}",
+                                f"--service-account-token-path={token_dir}/token",
+                            ],
+                            "livenessProbe": {
+                                "httpGet": {
+                                    "path": "/healthz",
+                                    "port": manifests.KONNECTIVITY_HEALTH_PORT,
+                                },
+                                "initialDelaySeconds": 15,
+                                "timeoutSeconds": 15,
+                            },
+                            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "volumeMounts": [
+                                {"name": "token", "mountPath": token_dir, "readOnly": True}
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {
+                            "name": "token",
+                            "projected": {
+                                "sources": [
+                                    {
+                                        "serviceAccountToken": {
+                                            "path": "token",
+                                            "audience": manifests.KONNECTIVITY_AUDIENCE,
+                                            "expirationSeconds": 3600,
+                                        }
+                                    }
+                                ]
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+    }

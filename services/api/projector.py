@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.common.bus import Bus, Consumer, ConsumerSpec, Delivery
-from libs.common.contract import EVENTS_STREAM, Envelope, parse_payload
+from libs.common.contract import BY_TYPE, EVENTS_STREAM, Envelope, parse_payload
 from libs.common.contract.cluster import ClusterDeleted, ClusterStatusChanged
 from services.api.clusters import service as clusters
 
 DURABLE = "api-projector"
 
+RecordEvent = Callable[[Envelope, int], Awaitable[None]]
+"""Stores an event in the history (idempotently) given its envelope and stream sequence."""
+
 
 class Projector:
     """Routes each event type to the domain function that projects it."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], record: RecordEvent | None = None
+    ) -> None:
         self.sessions = sessions
+        self.record = record
 
     async def handle(self, envelope: Envelope, delivery: Delivery) -> None:
+        if self.record is not None:
+            # Every event, whatever its type, goes to the history (and its webhooks) first.
+            await self.record(envelope, delivery.stream_sequence)
+            if envelope.type not in BY_TYPE:
+                return
         payload = parse_payload(envelope)
         async with self.sessions() as session:
             if isinstance(payload, ClusterStatusChanged):

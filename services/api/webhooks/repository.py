@@ -1,0 +1,197 @@
+"""Every query on webhooks and their delivery queue."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.api.models import EventRecord, Webhook, WebhookDelivery
+
+
+async def get(session: AsyncSession, webhook_id: str) -> Webhook | None:
+    result: Webhook | None = await session.get(Webhook, webhook_id)
+    return result
+
+
+async def get_by_name(session: AsyncSession, name: str) -> Webhook | None:
+    result: Webhook | None = await session.scalar(select(Webhook).where(Webhook.name == name))
+    return result
+
+
+def add(session: AsyncSession, row: Webhook | WebhookDelivery) -> None:
+    session.add(row)
+
+
+async def remove(session: AsyncSession, webhook_id: str) -> None:
+    await session.execute(delete(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id))
+    await session.execute(delete(Webhook).where(Webhook.id == webhook_id))
+
+
+async def list_page(
+    session: AsyncSession, *, limit: int, after: tuple[datetime, str] | None
+) -> Sequence[Webhook]:
+    query = select(Webhook).order_by(Webhook.created_at, Webhook.id).limit(limit + 1)
+    if after is not None:
+        created, ident = after
+        query = query.where(
+            or_(
+                Webhook.created_at > created,
+                and_(Webhook.created_at == created, Webhook.id > ident),
+            )
+        )
+    return (await session.scalars(query)).all()
+
+
+async def enabled_subscriptions(session: AsyncSession) -> Sequence[tuple[str, list[str]]]:
+    """(id, event type patterns) of every enabled webhook."""
+    rows = await session.execute(
+        select(Webhook.id, Webhook.event_types).where(Webhook.enabled.is_(True))
+    )
+    return [(row[0], list(row[1])) for row in rows]
+
+
+async def deliveries_page(
+    session: AsyncSession,
+    webhook_id: str,
+    *,
+    limit: int,
+    after: tuple[datetime, str] | None,
+    status: str | None,
+) -> Sequence[WebhookDelivery]:
+    query = (
+        select(WebhookDelivery)
+        .where(WebhookDelivery.webhook_id == webhook_id)
+        .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+        .limit(limit + 1)
+    )
+    if status is not None:
+        query = query.where(WebhookDelivery.status == status)
+    if after is not None:
+        created, ident = after
+        query = query.where(
+            or_(
+                WebhookDelivery.created_at > created,
+                and_(WebhookDelivery.created_at == created, WebhookDelivery.id > ident),
+            )
+        )
+    return (await session.scalars(query)).all()
+
+
+# The delivery queue.
+
+
+def _due(now: datetime) -> Any:
+    return and_(
+        WebhookDelivery.status == "pending",
+        WebhookDelivery.next_attempt_at <= now,
+        or_(WebhookDelivery.lease_expires_at.is_(None), WebhookDelivery.lease_expires_at < now),
+    )
+
+
+async def due(
+    session: AsyncSession, now: datetime, *, limit: int, skip_webhooks: Collection[str]
+) -> Sequence[tuple[str, str]]:
+    """(delivery id, webhook id) of due, unleased deliveries of enabled webhooks, oldest first."""
+    query = (
+        select(WebhookDelivery.id, WebhookDelivery.webhook_id)
+        .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
+        .where(_due(now), Webhook.enabled.is_(True))
+        .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.created_at)
+        .limit(limit)
+    )
+    if skip_webhooks:
+        query = query.where(WebhookDelivery.webhook_id.not_in(list(skip_webhooks)))
+    return [(row[0], row[1]) for row in await session.execute(query)]
+
+
+async def claim(
+    session: AsyncSession, ids: Sequence[str], owner: str, now: datetime, until: datetime
+) -> list[str]:
+    """Lease these deliveries to `owner` and count the attempt; returns the ids actually won.
+
+    The WHERE repeats the due condition, so of several replicas racing for a row exactly one
+    update matches (PostgreSQL re-checks it after the row lock; SQLite has one writer).
+    """
+    if not ids:
+        return []
+    result = await session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_(list(ids)), _due(now))
+        .values(
+            lease_owner=owner,
+            lease_expires_at=until,
+            attempts=WebhookDelivery.attempts + 1,
+            updated_at=now,
+        )
+        .returning(WebhookDelivery.id)
+    )
+    return [row[0] for row in result]
+
+
+async def next_due_at(session: AsyncSession) -> datetime | None:
+    value: datetime | None = await session.scalar(
+        select(func.min(WebhookDelivery.next_attempt_at)).where(WebhookDelivery.status == "pending")
+    )
+    return value
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one attempt needs, read before the request (no session is held during it)."""
+
+    delivery_id: str
+    webhook_id: str
+    url: str
+    secret: str
+    attempts: int
+    envelope: dict[str, Any]
+
+
+async def job(session: AsyncSession, delivery_id: str, owner: str) -> Job | None:
+    """The attempt's data, if `owner` still holds the lease."""
+    row = (
+        await session.execute(
+            select(
+                WebhookDelivery.id,
+                WebhookDelivery.webhook_id,
+                Webhook.url,
+                Webhook.secret,
+                WebhookDelivery.attempts,
+                EventRecord.envelope,
+            )
+            .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
+            .join(EventRecord, EventRecord.position == WebhookDelivery.event_position)
+            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.lease_owner == owner)
+        )
+    ).first()
+    if row is None:
+        return None
+    return Job(row[0], row[1], row[2], row[3], row[4], dict(row[5]))
+
+
+async def finish(
+    session: AsyncSession, delivery_id: str, owner: str, values: dict[str, Any]
+) -> bool:
+    """Record an attempt's outcome and release the lease, if `owner` still holds it."""
+    result = await session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None, **values)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def note_outcome(
+    session: AsyncSession, webhook_id: str, outcome: str, now: datetime, failed: bool
+) -> None:
+    failures: Any = Webhook.consecutive_failures + 1 if failed else 0
+    await session.execute(
+        update(Webhook)
+        .where(Webhook.id == webhook_id)
+        .values(last_delivery_at=now, last_outcome=outcome, consecutive_failures=failures)
+    )

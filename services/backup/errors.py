@@ -127,6 +127,13 @@ class SnapshotError(BackupError):
     reason = "SnapshotError"
 
 
+class EtcdAccessUnavailable(SnapshotError):
+    """No client access to the cluster's etcd could be obtained (unknown cluster, no CA yet,
+    provisioner not answering)."""
+
+    reason = "EtcdAccessUnavailable"
+
+
 class SnapshotCorrupt(SnapshotError):
     """The snapshot's own sha256 trailer does not match its contents (or it is too short)."""
 

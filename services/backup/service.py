@@ -36,6 +36,7 @@ from libs.common.runner import instance_name
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
 from services.backup import config, errors
+from services.backup.access import rpc_etcd_access
 from services.backup.layout import new_ref
 from services.backup.runs import BackupContext, EtcdAccess, RunRequest, run_backup
 from services.backup.schedule import CronError, CronSchedule, latest_due, plan_run
@@ -103,6 +104,8 @@ class BackupService:
 
     async def start(self, bus: Bus) -> None:
         self._bus = bus
+        if self.context.etcd_access is None:
+            self.context.etcd_access = rpc_etcd_access(bus, f"backup-{self.instance}")
         self._schedules = await Schedules.open(bus)
         self._leases = await Leases.open(bus, ttl_seconds=max(4 * self.tick_seconds, 5.0))
         await self._ensure_foundry_schedule()

@@ -14,13 +14,15 @@ from typing import Any
 import nats.js.errors
 import pytest
 
-from libs.common.bus import Bus
+from libs.common.bus import Bus, RpcError
 from libs.common.contract.backup import RunBackup
+from libs.common.contract.etcd_access import ETCD_CLIENT_RPC_SUBJECT, EtcdClientIssued
 from libs.common.settings import Settings
 from services.backup import artifacts
 from services.backup.service import BackupService
 from services.backup.state import LEASES_BUCKET, SCHEDULES_BUCKET, ScheduleRecord, Schedules
 from services.backup.store import LocalStore
+from tests.support.etcd import EtcdServer
 
 
 @pytest.fixture
@@ -169,3 +171,50 @@ async def test_new_schedule_waits_for_its_first_firing(
         assert stored[0].last_run == now
     finally:
         await service.stop(3)
+
+
+async def test_etcd_backup_end_to_end_with_access_from_the_provisioner_rpc(
+    clean_buckets: Bus, tmp_path: Path, nats_url: str, etcd_server: EtcdServer
+) -> None:
+    """RunBackup(kind=etcd) -> client access over request/reply -> snapshot -> verified backup."""
+    bus = clean_buckets
+    asked: list[dict[str, Any]] = []
+
+    async def issue(body: dict[str, Any]) -> dict[str, Any]:
+        asked.append(body)
+        if body["clusterId"] != "c-1":
+            raise RpcError("not-found", f"no cluster {body['clusterId']}")
+        return EtcdClientIssued(
+            url=etcd_server.url,
+            ca_pem=etcd_server.tls.ca_pem.decode(),
+            cert_pem=etcd_server.tls.client_cert_pem.decode(),
+            key_pem=etcd_server.tls.client_key_pem.decode(),
+            expires_at=datetime.now(UTC) + timedelta(hours=1),
+        ).wire()
+
+    responder = await bus.serve(ETCD_CLIENT_RPC_SUBJECT, issue, queue="provisioner")
+    service = BackupService(backup_settings(tmp_path, nats_url), tick_seconds=3600)
+    try:
+        async with events(bus) as received:
+            await service.start(bus)
+            try:
+                for cluster in ("c-1", "c-unknown"):
+                    await bus.publish(
+                        RunBackup(target="cluster-demo", kind="etcd", cluster_id=cluster),
+                        source="test",
+                    )
+                await wait_for(received, "io.nest.backup.completed.v1")
+                await wait_for(received, "io.nest.backup.failed.v1")
+            finally:
+                await service.stop(3)
+    finally:
+        await responder.unsubscribe()
+    completed = next(e for e in received if e["type"] == "io.nest.backup.completed.v1")["data"]
+    failed = next(e for e in received if e["type"] == "io.nest.backup.failed.v1")["data"]
+    assert completed["etcdRevision"] > 0
+    assert completed["verified"] is True
+    assert failed["reason"] == "EtcdAccessUnavailable"
+    assert "not-found" in failed["message"]
+    assert {body["clusterId"] for body in asked} == {"c-1", "c-unknown"}
+    listed = await artifacts.list_backups(LocalStore(tmp_path / "backups"), "cluster-demo")
+    assert [m.kind for m in listed] == ["etcd"]

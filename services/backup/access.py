@@ -1,0 +1,42 @@
+"""How the backup service reaches a cluster's etcd: short-lived client access from the
+provisioner over request/reply (`nest.rpc.provisioner.etcd_client`), never from an intent."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from libs.common.bus import Bus, RpcError
+from libs.common.contract.etcd_access import (
+    ETCD_CLIENT_RPC_SUBJECT,
+    EtcdClientIssued,
+    EtcdClientRequest,
+)
+from services.backup import errors
+from services.backup.etcd import EtcdEndpoint
+from services.backup.runs import EtcdAccess
+
+
+def rpc_etcd_access(bus: Bus, requester: str, *, timeout: float = 30.0) -> EtcdAccess:
+    """An `EtcdAccess` asking the provisioner for a client certificate per backup."""
+
+    async def access(cluster_id: str) -> EtcdEndpoint:
+        request = EtcdClientRequest(cluster_id=cluster_id, requester=requester[:53])
+        try:
+            result = await bus.request(ETCD_CLIENT_RPC_SUBJECT, request.wire(), timeout=timeout)
+            issued = EtcdClientIssued.model_validate(result)
+        except RpcError as exc:
+            raise errors.EtcdAccessUnavailable(
+                f"no etcd access for cluster {cluster_id!r}: {exc.kind}: {exc.message}"
+            ) from None
+        except ValidationError as exc:
+            raise errors.EtcdAccessUnavailable(
+                f"etcd access for cluster {cluster_id!r} came back malformed: {exc}"
+            ) from None
+        return EtcdEndpoint(
+            url=issued.url,
+            ca_pem=issued.ca_pem.encode(),
+            cert_pem=issued.cert_pem.encode(),
+            key_pem=issued.key_pem.encode(),
+        )
+
+    return access

@@ -1,0 +1,389 @@
+"""The Helm chart (deploy/helm/nest), linted and rendered by the real Helm library.
+
+Helm runs in a Python 3.12 venv of its own (`tests.support.helm`); what it renders is checked
+here: strictly valid Kubernetes (kubernetes-validate, 1.33 and the newest schemas), every
+Deployment runs a real `nest run <service>`, probes reach the port the service listens on,
+secrets come only from Secrets, and values.schema.json refuses incomplete values.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from cli.main import SERVICES
+from libs.common.settings import Settings
+from tests.support import helm
+from tests.support.parts import missing
+
+CHART = Path(__file__).resolve().parents[3] / "deploy" / "helm" / "nest"
+KUBE_VERSIONS = ("1.33", "1.37")
+"""Kubernetes versions the rendered objects must be valid for: the chart's floor and newest."""
+
+REQUIRED: dict[str, Any] = {
+    "nats": {"url": "nats://nats.nats.svc:4222"},
+    "database": {"existingSecret": "nest-database"},
+}
+S3 = {
+    "enabled": True,
+    "endpoint": "https://s3.example.com:9000",
+    "bucket": "nest-backups",
+    "existingSecret": "nest-s3",
+    "accessKeyIdKey": "AWS_ACCESS_KEY_ID",
+    "secretAccessKeyKey": "AWS_SECRET_ACCESS_KEY",
+}
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "required": REQUIRED,
+    "s3-backup": REQUIRED
+    | {"backup": {"s3": S3, "encryption": {"existingSecret": "nest-backup-keys", "key": "keys"}}},
+    "admin-token": REQUIRED | {"adminToken": {"existingSecret": "nest-admin", "key": "token"}},
+    "airgap": REQUIRED
+    | {
+        "image": {"repository": "mirror.example.com/nest/nest", "tag": "1.2.3"},
+        "imagePullSecrets": [{"name": "mirror-pull"}],
+        "imageRegistry": "mirror.example.com/k8s",
+        "api": {"replicas": 3},
+    },
+}
+BROKEN: dict[str, dict[str, Any]] = {
+    "no-nats": {"database": REQUIRED["database"]},
+    "nats-not-a-url": REQUIRED | {"nats": {"url": "localhost:4222"}},
+    "no-database": {"nats": REQUIRED["nats"]},
+    "s3-without-bucket": REQUIRED | {"backup": {"s3": {"enabled": True, "existingSecret": "x"}}},
+}
+SECRET_SETTINGS = {
+    "NEST_DATABASE_URL",
+    "NEST_ADMIN_TOKEN",
+    "NEST_BACKUP_S3_ACCESS_KEY_ID",
+    "NEST_BACKUP_S3_SECRET_ACCESS_KEY",
+    "NEST_BACKUP_ENCRYPTION_KEYS",
+}
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+)
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> dict[str, helm.Rendered | helm.RenderError]:
+    """Every value set rendered by Helm, in one helm process per test worker."""
+    try:
+        return helm.render(CHART, VALUE_SETS | BROKEN)
+    except helm.HelmUnavailable as exc:
+        missing(str(exc))
+
+
+@pytest.fixture(params=list(VALUE_SETS))
+def value_set(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def rendered(outcomes: dict[str, Any], value_set: str) -> helm.Rendered:
+    outcome = outcomes[value_set]
+    assert isinstance(outcome, helm.Rendered), f"{value_set} did not render: {outcome}"
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def parsed(outcomes: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    return {k: v.objects() for k, v in outcomes.items() if isinstance(v, helm.Rendered)}
+
+
+@pytest.fixture
+def objs(rendered: helm.Rendered, parsed: dict[str, Any], value_set: str) -> list[dict[str, Any]]:
+    return parsed[value_set]
+
+
+def lint_or_skip(values: dict[str, Any] | None = None) -> helm.LintResult:
+    try:
+        return helm.lint(CHART, values)
+    except helm.HelmUnavailable as exc:
+        missing(str(exc))
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def one(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in by_kind(objs, kind) if o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, got {len(found)}"
+    return found[0]
+
+
+def deployments(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Deployments by the component label."""
+    found = by_kind(objs, "Deployment")
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in found}
+
+
+def the_container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def environment(objs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, Any]:
+    """The container's effective environment: envFrom ConfigMaps first, then env entries.
+
+    Plain values map to their string, everything else to its `valueFrom`.
+    """
+    env: dict[str, Any] = {}
+    for source in container.get("envFrom", []):
+        assert set(source) == {"configMapRef"}, f"unexpected envFrom {source}"
+        env |= one(objs, "ConfigMap", source["configMapRef"]["name"])["data"]
+    for entry in container.get("env", []):
+        env[entry["name"]] = entry.get("value", entry.get("valueFrom"))
+    return env
+
+
+@cache
+def validate(text: str, version: str) -> None:
+    kubernetes_validate.validate(json.loads(text), version, strict=True)
+
+
+# Lint
+
+
+def test_chart_lints_clean_with_the_required_values() -> None:
+    result = lint_or_skip(REQUIRED)
+    assert result.errors == 0
+    assert result.findings("WARNING") == [], result.messages
+
+
+def test_lint_without_the_required_values_fails_on_them() -> None:
+    result = lint_or_skip()
+    assert result.errors > 0
+    assert helm.LintMessage("ERROR", "values.yaml") in result.messages
+
+
+# Rendered objects
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_every_object_is_valid_kubernetes(objs: list[dict[str, Any]], version: str) -> None:
+    assert objs
+    for obj in objs:
+        try:
+            validate(json.dumps(obj, sort_keys=True), version)
+        except kubernetes_validate.ValidationError as error:
+            path = ".".join(str(p) for p in error.path)
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {error.message}")
+
+
+def test_every_object_has_the_standard_labels(objs: list[dict[str, Any]]) -> None:
+    for obj in objs:
+        labels = obj["metadata"].get("labels", {})
+        assert all(labels.get(key) for key in STANDARD_LABELS), obj["metadata"]
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+    for component, deployment in deployments(objs).items():
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert pod_labels["app.kubernetes.io/component"] == component
+
+
+def test_no_secret_is_rendered(objs: list[dict[str, Any]]) -> None:
+    assert by_kind(objs, "Secret") == []
+
+
+def test_each_deployment_runs_its_nest_service(objs: list[dict[str, Any]]) -> None:
+    found = deployments(objs)
+    assert set(found) == {"api", "provisioner", "backup"}
+    for component, deployment in found.items():
+        assert component in SERVICES
+        container = the_container(deployment)
+        assert "command" not in container  # the image's entrypoint is `nest`
+        assert container["args"] == ["run", component]
+
+
+def test_probes_reach_the_port_the_service_listens_on(objs: list[dict[str, Any]]) -> None:
+    for component, deployment in deployments(objs).items():
+        container = the_container(deployment)
+        env = environment(objs, container)
+        if component == "api":
+            assert env["NEST_API_HOST"] == "0.0.0.0"
+            listens = int(env["NEST_API_PORT"])
+        else:
+            assert env["NEST_HEALTH_HOST"] == "0.0.0.0"
+            listens = int(env["NEST_HEALTH_PORT"])
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            get = container[probe]["httpGet"]
+            assert get["path"] == path, (component, probe)
+            port = ports[get["port"]] if isinstance(get["port"], str) else get["port"]
+            assert port == listens, (component, probe)
+
+
+def test_secrets_come_only_from_secret_refs(value_set: str, objs: list[dict[str, Any]]) -> None:
+    values = VALUE_SETS[value_set]
+    (config_map,) = by_kind(objs, "ConfigMap")
+    assert not SECRET_SETTINGS & set(config_map["data"])
+    expected: dict[str, dict[str, tuple[str, str]]] = {
+        "api": {"NEST_DATABASE_URL": ("nest-database", "database-url")},
+        "provisioner": {},
+        "backup": {"NEST_DATABASE_URL": ("nest-database", "database-url")},
+    }
+    if token := values.get("adminToken"):
+        expected["api"]["NEST_ADMIN_TOKEN"] = (token["existingSecret"], token["key"])
+    if s3 := values.get("backup", {}).get("s3"):
+        expected["backup"]["NEST_BACKUP_S3_ACCESS_KEY_ID"] = ("nest-s3", "AWS_ACCESS_KEY_ID")
+        expected["backup"]["NEST_BACKUP_S3_SECRET_ACCESS_KEY"] = (
+            "nest-s3",
+            s3["secretAccessKeyKey"],
+        )
+    if keys := values.get("backup", {}).get("encryption"):
+        expected["backup"]["NEST_BACKUP_ENCRYPTION_KEYS"] = (keys["existingSecret"], keys["key"])
+    for component, deployment in deployments(objs).items():
+        env = environment(objs, the_container(deployment))
+        secret_env = {name: value for name, value in env.items() if name in SECRET_SETTINGS}
+        assert {
+            name: (value["secretKeyRef"]["name"], value["secretKeyRef"]["key"])
+            for name, value in secret_env.items()
+            if isinstance(value, dict) and set(value) == {"secretKeyRef"}
+        } == expected[component]
+        assert set(secret_env) == set(expected[component]), f"{component}: plain secret env"
+
+
+def test_every_setting_the_chart_sets_exists(objs: list[dict[str, Any]]) -> None:
+    known = {f"NEST_{name.upper()}" for name in Settings.model_fields}
+    for component, deployment in deployments(objs).items():
+        env = environment(objs, the_container(deployment))
+        assert set(env) <= known, f"{component}: unknown settings {set(env) - known}"
+        assert "NEST_KUBECONFIG" not in env  # the provisioner uses its in-cluster config
+        assert env["NEST_DATA_DIR"] == "/var/lib/nest"
+
+
+def test_pods_run_locked_down(objs: list[dict[str, Any]]) -> None:
+    for component, deployment in deployments(objs).items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 10001
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        container = the_container(deployment)
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert container["resources"]["requests"], component
+        assert container["resources"]["limits"]["memory"], component
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        data_dir = environment(objs, container)["NEST_DATA_DIR"]
+        assert "emptyDir" in volumes[mounts[data_dir]]
+        assert "emptyDir" in volumes[mounts["/tmp"]]  # tempfile needs a writable /tmp
+
+
+def test_only_the_provisioner_gets_kubernetes_api_access(
+    objs: list[dict[str, Any]],
+) -> None:
+    found = deployments(objs)
+    (role,) = by_kind(objs, "ClusterRole")
+    (binding,) = by_kind(objs, "ClusterRoleBinding")
+    assert by_kind(objs, "Role") == by_kind(objs, "RoleBinding") == []
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    manage = ("get", "list", "watch", "create", "update", "patch", "delete")
+    read = ("get", "list", "watch")
+    managed = [
+        ("", "namespaces"),
+        ("", "secrets"),
+        ("", "configmaps"),
+        ("", "services"),
+        ("", "persistentvolumeclaims"),
+        ("apps", "statefulsets"),
+        ("apps", "deployments"),
+        ("policy", "poddisruptionbudgets"),
+    ]
+    assert granted == {(g, r, v) for g, r in managed for v in manage} | {
+        ("", r, v) for r in ("pods", "nodes") for v in read
+    }
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    provisioner_pod = found["provisioner"]["spec"]["template"]["spec"]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": provisioner_pod["serviceAccountName"],
+            "namespace": "nest",
+        }
+    ]
+    assert provisioner_pod.get("automountServiceAccountToken", True) is True
+    for component in ("api", "backup"):
+        pod = found[component]["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] != provisioner_pod["serviceAccountName"]
+        assert pod["automountServiceAccountToken"] is False
+
+
+def test_api_service_and_budget_select_only_api_pods(objs: list[dict[str, Any]]) -> None:
+    found = deployments(objs)
+    (service,) = by_kind(objs, "Service")
+    (budget,) = by_kind(objs, "PodDisruptionBudget")
+    for selector in (service["spec"]["selector"], budget["spec"]["selector"]["matchLabels"]):
+        for component, deployment in found.items():
+            labels = deployment["spec"]["template"]["metadata"]["labels"]
+            assert (selector.items() <= labels.items()) == (component == "api"), component
+    api = the_container(found["api"])
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in api["ports"]}
+    assert found["api"]["spec"]["replicas"] >= 2
+
+
+def test_values_reach_the_objects(value_set: str, objs: list[dict[str, Any]]) -> None:
+    values = VALUE_SETS[value_set]
+    (config_map,) = by_kind(objs, "ConfigMap")
+    data = config_map["data"]
+    assert data["NEST_NATS_URL"] == values["nats"]["url"]
+    assert data["NEST_IMAGE_REGISTRY"] == values.get("imageRegistry", "registry.k8s.io")
+    image = values.get("image", {})
+    for deployment in deployments(objs).values():
+        pod = deployment["spec"]["template"]["spec"]
+        expected_image = image.get("repository", "ghcr.io/nest/nest")
+        assert the_container(deployment)["image"] == f"{expected_image}:{image.get('tag', '0.1.0')}"
+        assert pod.get("imagePullSecrets", []) == values.get("imagePullSecrets", [])
+    assert deployments(objs)["api"]["spec"]["replicas"] == values.get("api", {}).get("replicas", 2)
+    s3 = values.get("backup", {}).get("s3")
+    assert ("NEST_BACKUP_S3_BUCKET" in data) == bool(s3)
+    if s3:
+        assert data["NEST_BACKUP_S3_BUCKET"] == s3["bucket"]
+        assert data["NEST_BACKUP_S3_ENDPOINT"] == s3["endpoint"]
+
+
+def test_notes_say_how_to_reach_the_api(value_set: str, rendered: helm.Rendered) -> None:
+    assert "port-forward svc/nest-api 8080:8080" in rendered.notes
+    values = VALUE_SETS[value_set]
+    assert ("/var/lib/nest/admin-token" in rendered.notes) == ("adminToken" not in values)
+    assert ("backup.s3 is not enabled" in rendered.notes) == ("s3" not in values.get("backup", {}))
+
+
+# values.schema.json
+
+
+@pytest.mark.parametrize(
+    ("broken", "says"),
+    [
+        ("no-nats", "at '/nats': missing property 'url'"),
+        ("nats-not-a-url", "at '/nats/url'"),
+        ("no-database", "missing property 'existingSecret'"),
+        ("s3-without-bucket", "at '/backup/s3/bucket'"),
+    ],
+)
+def test_schema_refuses_incomplete_values(outcomes: dict[str, Any], broken: str, says: str) -> None:
+    outcome = outcomes[broken]
+    assert isinstance(outcome, helm.RenderError), f"{broken} rendered"
+    assert "don't meet the specifications of the schema" in outcome.message
+    assert says in outcome.message

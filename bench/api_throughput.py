@@ -145,7 +145,8 @@ async def main() -> None:
     try:
         wait_http(f"{base}/readyz", timeout=60, process=api)
         print(
-            f"# Nest API benchmark — {args.db}, concurrency {args.concurrency}, {os.cpu_count()} CPUs"
+            f"# Nest API benchmark: {args.db}, concurrency {args.concurrency},"
+            f" {os.cpu_count()} CPUs"
         )
         limits = httpx.Limits(
             max_connections=args.concurrency, max_keepalive_connections=args.concurrency

@@ -214,7 +214,7 @@ class KubeClient:
         applied: dict[str, Any] = await self.request(
             "PATCH",
             path,
-            body=json.loads(json.dumps(obj)),
+            body=dict(obj),
             query=[("fieldManager", names.FIELD_MANAGER), ("force", "true")],
             content_type="application/apply-patch+yaml",
         )

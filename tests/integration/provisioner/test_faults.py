@@ -187,6 +187,55 @@ class TestResync:
         assert emulator.get("v1/namespaces", None, "nest-stranger") is not None
 
 
+class TestLosses:
+    async def test_a_ready_cluster_that_loses_its_control_plane_is_degraded(
+        self,
+        api: httpx.AsyncClient,
+        provisioner: ProvisionerService,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        created = await create(api, "wobbly")
+        await wait_cluster(api, created["id"], phase("Ready"))
+        management.controller.paused = True
+        live = management.emulator.get(
+            "apps/v1/deployments", names.namespace_for("wobbly"), "control-plane"
+        )
+        assert live is not None
+        live["status"]["availableReplicas"] = 0
+        await provisioner.resync()
+        cluster = await wait_cluster(api, created["id"], phase("Degraded"))
+        assert cluster["status"]["reason"] == "RollingOut"
+        assert condition(cluster, "ControlPlaneReady")["status"] == "False"
+        management.controller.resume()
+        await provisioner.resync()
+        await wait_cluster(api, created["id"], phase("Ready"))
+
+    async def test_a_delete_during_an_outage_finishes_once_the_api_is_back(
+        self,
+        api: httpx.AsyncClient,
+        provisioner: ProvisionerService,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        created = await create(api, "stuck")
+        await wait_cluster(api, created["id"], phase("Ready"))
+        outage = management.emulator.fail("DELETE", "/namespaces/", status=503, times=None)
+        await api.delete(f"/api/v1/clusters/{created['id']}")
+        for _ in range(200):
+            record = await provisioner.store.get(created["id"])
+            if record is not None and record.delete_requested and outage.hits >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert (await api.get(f"/api/v1/clusters/{created['id']}")).json()["status"][
+            "phase"
+        ] == "Deleting"
+        outage.times = 0
+        await provisioner.resync()
+        await wait_cluster(api, created["id"], lambda c: c.get("status") == 404)
+        assert cluster_objects(management, "stuck") == {}
+
+
 class TestNameReuse:
     async def test_a_new_cluster_with_a_deleted_ones_name_is_left_alone(
         self,

@@ -322,7 +322,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if current.get("status") is not None and route.subresource != "status":
                 obj["status"] = current["status"]
         if route.resource == "v1/services":
-            self._allocate_node_ports(route, obj)
+            self._allocate_node_ports(route, obj, current)
         if route.resource == "v1/namespaces":
             obj.setdefault("status", {}).setdefault("phase", "Active")
             if current is not None:
@@ -333,8 +333,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
             hook(route.resource, obj)
         return obj
 
-    def _allocate_node_ports(self, route: Route, obj: Obj) -> None:
+    def _allocate_node_ports(self, route: Route, obj: Obj, current: Obj | None) -> None:
         spec = obj.get("spec", {})
+        # Like the API server: a port that was allocated stays, unless another is asked for.
+        held = {
+            port.get("name"): port["nodePort"]
+            for port in (current or {}).get("spec", {}).get("ports", [])
+            if port.get("nodePort")
+        }
+        for port in spec.get("ports", []):
+            if port.get("nodePort") is None and port.get("name") in held:
+                port["nodePort"] = held[port.get("name")]
         owner = (route.namespace, str(route.name or obj["metadata"]["name"]))
         for port, used in list(self._node_ports.items()):
             if used == owner:

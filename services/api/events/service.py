@@ -82,7 +82,12 @@ def envelope_row(envelope: Envelope, stream_sequence: int, now: datetime) -> dic
     }
 
 
-async def record(session: AsyncSession, envelope: Envelope, stream_sequence: int) -> int | None:
+async def record(
+    session: AsyncSession,
+    envelope: Envelope,
+    stream_sequence: int,
+    subscriptions: webhooks.Subscriptions | None = None,
+) -> int | None:
     """Store the event and stage its webhook deliveries (caller commits); None if seen before."""
     await repository.lock_for_append(session)
     position = await repository.insert_if_absent(
@@ -90,7 +95,7 @@ async def record(session: AsyncSession, envelope: Envelope, stream_sequence: int
     )
     if position is None:
         return None
-    await webhooks.stage_deliveries(session, position, envelope.id, envelope.type)
+    await webhooks.stage_deliveries(session, position, envelope.id, envelope.type, subscriptions)
     return position
 
 
@@ -178,7 +183,10 @@ class EventFeed:
 
     async def _write(self, events: Sequence[tuple[Envelope, int]]) -> list[int | None]:
         async with self.sessions() as session:
-            positions = [await record(session, e, sequence) for e, sequence in events]
+            subscriptions = await webhooks.enabled_subscriptions(session)
+            positions = [
+                await record(session, e, sequence, subscriptions) for e, sequence in events
+            ]
             await session.commit()
         return positions
 

@@ -10,6 +10,7 @@ import copy
 import logging
 import secrets
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common.contract.cluster import validate_labels
-from services.api.events.filters import matches_any, parse_patterns
+from services.api.events.filters import TypePattern, matches_any, parse_patterns
 from services.api.models import Webhook, WebhookDelivery, utcnow
 from services.api.pagination import Cursor, Page
 from services.api.problems import Conflict, FieldError, InvalidInput, NotFound
@@ -227,14 +228,31 @@ async def list_deliveries(
     return Page[DeliveryRead](items=[delivery_to_read(r) for r in rows[:limit]], next=following)
 
 
+Subscriptions = Sequence[tuple[str, tuple[TypePattern, ...]]]
+"""(webhook id, its type patterns) of the enabled webhooks."""
+
+
+async def enabled_subscriptions(session: AsyncSession) -> Subscriptions:
+    rows = await repository.enabled_subscriptions(session)
+    return [(webhook_id, parse_patterns(patterns)) for webhook_id, patterns in rows]
+
+
 async def stage_deliveries(
-    session: AsyncSession, event_position: int, event_id: str, event_type: str
+    session: AsyncSession,
+    event_position: int,
+    event_id: str,
+    event_type: str,
+    subscriptions: Subscriptions | None = None,
 ) -> int:
-    """Queue the event for every enabled webhook whose types match (in the caller's transaction)."""
+    """Queue the event for every enabled webhook whose types match (in the caller's transaction).
+
+    `subscriptions` may be read once for several events recorded in one transaction."""
+    if subscriptions is None:
+        subscriptions = await enabled_subscriptions(session)
     now = utcnow()
     staged = 0
-    for webhook_id, patterns in await repository.enabled_subscriptions(session):
-        if not matches_any(event_type, parse_patterns(patterns)):
+    for webhook_id, patterns in subscriptions:
+        if not matches_any(event_type, patterns):
             continue
         repository.add(
             session,

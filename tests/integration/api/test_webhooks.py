@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -16,6 +17,8 @@ from libs.common.bus import Bus
 from libs.common.contract import Envelope
 from libs.common.contract.cluster import ClusterDeleted
 from libs.common.settings import Settings
+from services.api.models import EventRecord, Webhook, WebhookDelivery, utcnow
+from services.api.webhooks import repository
 from services.api.webhooks.signing import verify_signature
 
 URL = "/api/v1/webhooks"
@@ -306,3 +309,72 @@ class TestDelivery:
         await publish(bus)
         await deliveries(api, hook["id"], lambda d: d and d[0]["status"] == "delivered")
         assert len(receiver.requests) == 1
+
+
+class TestLeases:
+    async def test_one_replica_at_a_time_attempts_a_delivery(self, api: httpx.AsyncClient) -> None:
+        sessions = api.app.state.sessions  # type: ignore[attr-defined]
+        # Due an hour from now, so this app's own worker leaves it alone.
+        due = utcnow() + timedelta(hours=1)
+        async with sessions() as session:
+            session.add(
+                Webhook(
+                    id="w1",
+                    name="w1",
+                    labels={},
+                    url="http://127.0.0.1:9/",
+                    event_types=["*"],
+                    secret="s" * 20,
+                    enabled=True,
+                    generation=1,
+                    consecutive_failures=0,
+                )
+            )
+            session.add(
+                EventRecord(
+                    position=1,
+                    id="e1",
+                    type="io.nest.x.y.v1",
+                    source="/nest/x",
+                    time=utcnow(),
+                    stream_sequence=1,
+                    envelope={"id": "e1"},
+                )
+            )
+            await session.flush()
+            session.add(
+                WebhookDelivery(
+                    id="d1",
+                    webhook_id="w1",
+                    event_position=1,
+                    event_id="e1",
+                    event_type="io.nest.x.y.v1",
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=due,
+                )
+            )
+            await session.commit()
+
+        async def claim(owner: str, now: datetime) -> list[str]:
+            async with sessions() as session:
+                won = await repository.claim(
+                    session, ["d1"], owner, now, now + timedelta(seconds=60)
+                )
+                await session.commit()
+                return won
+
+        now = due + timedelta(seconds=1)
+        results = await asyncio.gather(*(claim(f"replica-{i}", now) for i in range(4)))
+        assert sorted(len(r) for r in results) == [0, 0, 0, 1]
+        winner = f"replica-{[len(r) for r in results].index(1)}"
+        # While the lease holds nobody else gets it; once it expires another replica may.
+        assert await claim("replica-late", now + timedelta(seconds=30)) == []
+        assert await claim("replica-late", now + timedelta(seconds=61)) == ["d1"]
+        async with sessions() as session:
+            # The first holder lost its lease: its outcome is not recorded over the new one's.
+            assert not await repository.finish(session, "d1", winner, {"status": "delivered"})
+            assert await repository.finish(session, "d1", "replica-late", {"status": "failed"})
+            await session.commit()
+            row = await session.get(WebhookDelivery, "d1")
+            assert row is not None and row.status == "failed" and row.attempts == 2

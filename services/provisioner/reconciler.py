@@ -625,6 +625,32 @@ class Reconciler:
             lifetime=lifetime,
         )
 
+    async def etcd_client(
+        self, record: ClusterRecord, requester: str, lifetime: timedelta
+    ) -> tuple[str, pki.IssuedCertificate]:
+        """The etcd client URL of the cluster of `record` and a short-lived client certificate
+        from its etcd CA, for a one-off job such as a snapshot.
+
+        Raises `LookupError` without an etcd CA, `KubeUnavailable` while etcd is not ready,
+        `KubeNotConfigured` without a management cluster, and the PKI errors.
+        """
+        datastore = next((c for c in record.conditions if c.type == status.DATASTORE), None)
+        if datastore is None or datastore.status != "True":
+            raise KubeUnavailable(f"the etcd of cluster {record.name!r} is not ready yet")
+        client = await self.management.client()
+        namespace = names.namespace_for(record.name)
+        found = await client.get(f"/api/v1/namespaces/{namespace}/secrets/{names.SECRET_ETCD_CA}")
+        if found is None:
+            raise LookupError(f"cluster {record.name!r} has no etcd CA yet")
+        issued = pki.issue_etcd_client(
+            _decode(found),
+            common_name=f"nest:{requester}"[:64],
+            now=self.clock(),
+            lifetime=lifetime,
+        )
+        host = f"{names.ETCD_HEADLESS_SERVICE}.{namespace}.svc.{self.config.management_dns_domain}"
+        return f"https://{host}:{names.ETCD_CLIENT_PORT}", issued
+
     async def remove_leftovers(self, record: ClusterRecord) -> bool:
         """Delete the namespace of a cluster whose deletion is confirmed, if it is still that
         cluster's (a new cluster may have reused the name); True if one was deleted."""

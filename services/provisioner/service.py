@@ -30,6 +30,11 @@ from pydantic import ValidationError
 from libs.common.bus import Bus, Consumer, ConsumerSpec, Delivery, Reject, RpcError
 from libs.common.contract import INTENTS_STREAM, Envelope, UnknownMessageType, parse_payload
 from libs.common.contract.cluster import ClusterDeleted, DeleteCluster, ReconcileCluster
+from libs.common.contract.etcd_access import (
+    ETCD_CLIENT_RPC_SUBJECT,
+    EtcdClientIssued,
+    EtcdClientRequest,
+)
 from libs.common.contract.kubeconfig import (
     KUBECONFIG_RPC_SUBJECT,
     KubeconfigIssued,
@@ -89,7 +94,7 @@ class ProvisionerService:
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._passes = asyncio.Semaphore(settings.reconcile_concurrency)
         self._consumer: Consumer | None = None
-        self._rpc: Any = None
+        self._rpc: list[Any] = []
         self._bus: Bus | None = None
         self._store: ClusterStore | None = None
         self._leases: Leases | None = None
@@ -126,7 +131,10 @@ class ProvisionerService:
         )
         self._consumer = bus.consumer(spec, self.handle)
         self._tasks.spawn("intents", self._consumer.run())
-        self._rpc = await bus.serve(KUBECONFIG_RPC_SUBJECT, self.kubeconfig, queue=DURABLE)
+        self._rpc = [
+            await bus.serve(KUBECONFIG_RPC_SUBJECT, self.kubeconfig, queue=DURABLE),
+            await bus.serve(ETCD_CLIENT_RPC_SUBJECT, self.etcd_client, queue=DURABLE),
+        ]
         await bus.nc.flush()  # the subscription is live on the server before start() returns
         self._tasks.spawn("resync", self._resync_loop())
 
@@ -134,9 +142,9 @@ class ProvisionerService:
         self._stopping = True
         if self._consumer is not None:
             await self._consumer.drain(timeout)
-        if self._rpc is not None:
+        for subscription in self._rpc:
             with contextlib.suppress(Exception):
-                await self._rpc.unsubscribe()
+                await subscription.unsubscribe()
         for task in list(self._followers.values()):
             task.cancel()
         if self._followers:
@@ -352,11 +360,7 @@ class ProvisionerService:
         try:
             request = KubeconfigRequest.model_validate(body)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
-                for error in exc.errors()
-            )
-            raise RpcError("invalid", problems) from None
+            raise RpcError("invalid", _problems(exc)) from None
         record = await self.store.get(request.cluster_id)
         if (
             record is None
@@ -380,6 +384,43 @@ class ProvisionerService:
             extra={"clusterId": record.cluster_id, "user": issued.user},
         )
         return KubeconfigIssued(kubeconfig=document, expires_at=issued.expires_at).wire()
+
+    async def etcd_client(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`nest.rpc.provisioner.etcd_client`: short-lived etcd client access (backups)."""
+        try:
+            request = EtcdClientRequest.model_validate(body)
+        except ValidationError as exc:
+            raise RpcError("invalid", _problems(exc)) from None
+        record = await self.store.get(request.cluster_id)
+        if record is None or record.delete_requested:
+            raise RpcError("not-found", f"no cluster {request.cluster_id}")
+        try:
+            url, issued = await self.reconciler.etcd_client(
+                record, request.requester, timedelta(seconds=request.ttl_seconds)
+            )
+        except LookupError as exc:
+            raise RpcError("not-found", str(exc)) from None
+        except (pki.InvalidPKIInputError, pki.LifetimeTooLongError) as exc:
+            raise RpcError("invalid", str(exc)) from None
+        except (KubeError, pki.CAUnavailableError) as exc:
+            raise RpcError("unavailable", str(exc)) from None
+        log.info(
+            "etcd client certificate issued",
+            extra={"clusterId": record.cluster_id, "requester": request.requester},
+        )
+        return EtcdClientIssued(
+            url=url,
+            ca_pem=issued.ca_pem.decode(),
+            cert_pem=issued.cert_pem.decode(),
+            key_pem=issued.key_pem.decode(),
+            expires_at=issued.expires_at,
+        ).wire()
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+    )
 
 
 def _ids(intent: ReconcileCluster | DeleteCluster) -> dict[str, object]:

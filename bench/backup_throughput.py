@@ -124,6 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--child")
+    parser.add_argument("--upload-concurrency", type=int, default=2)
+    parser.add_argument("--part-mib", type=int, default=8)
     parser.add_argument(
         "--scenarios",
         default="all",
@@ -155,6 +157,8 @@ def main() -> None:
                     "access_key_id": s3.access_key,
                     "secret_access_key": s3.secret_key,
                     "path_style": True,
+                    "upload_concurrency": args.upload_concurrency,
+                    "part_size": args.part_mib << 20,
                 },
                 "etcd": {
                     "url": etcd.url,

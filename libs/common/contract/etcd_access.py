@@ -7,8 +7,8 @@ signed by that CA for `ttl_seconds` (an hour by default, enough for a snapshot).
 back as `RpcError` kinds: `not-found` (no such cluster or no etcd CA yet), `invalid`,
 `unavailable` (etcd not running yet, management cluster not answering).
 
-The responder is not implemented yet (the provisioner owns the PKI: `pki.issue_etcd_client`);
-the backup service is its client.
+The provisioner answers it (it owns the PKI: `pki.issue_etcd_client`); the backup service is
+its client (`services.backup.access`).
 """
 
 from __future__ import annotations

@@ -247,6 +247,7 @@ class TestHistory:
             URL, params={"type": "io.nest.token."}, headers={"Authorization": f"Bearer {token}"}
         )
         assert asked.json()["items"] == []
+        assert (await api.get(URL, headers={"Authorization": ""})).status_code == 401
 
     async def test_retention_prunes_old_events(self, api: httpx.AsyncClient, bus: Bus) -> None:
         await publish_deleted(bus, "c-1")
@@ -255,10 +256,6 @@ class TestHistory:
         assert await events.prune(sessions, utcnow() - timedelta(days=1)) == 0
         assert await events.prune(sessions, utcnow() + timedelta(seconds=1)) == 1
         assert (await api.get(URL)).json()["items"] == []
-
-    async def test_needs_a_token(self, api: httpx.AsyncClient) -> None:
-        response = await api.get(URL, headers={"Authorization": ""})
-        assert response.status_code == 401
 
 
 class TestStream:
@@ -346,15 +343,16 @@ class TestStream:
                 "io.nest.cluster.deleted.v1",
             ]
 
-    async def test_bad_resume_position_is_422(self, api: httpx.AsyncClient) -> None:
+    async def test_bad_resume_position_is_422_and_sse_must_be_asked_for(
+        self, api: httpx.AsyncClient
+    ) -> None:
         sse_only = {"Accept": "text/event-stream"}
         response = await api.get(f"{URL}/stream", headers={"Last-Event-ID": "abc", **sse_only})
         assert response.status_code == 422
         assert response.json()["errors"][0]["field"] == "Last-Event-ID"
         response = await api.get(f"{URL}/stream", params={"since": "-1"}, headers=sse_only)
         assert response.status_code == 422
-
-    async def test_a_client_must_ask_for_an_event_stream(self, api: httpx.AsyncClient) -> None:
+        # Only a client that asks for an event stream gets one.
         response = await api.get(f"{URL}/stream")
         assert response.status_code == 406
         assert response.headers["content-type"] == "application/problem+json"

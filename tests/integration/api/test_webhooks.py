@@ -152,6 +152,11 @@ class TestSubscriptions:
         assert (await api.delete(f"{URL}/{hook['id']}")).status_code == 204
         assert (await api.get(f"{URL}/{hook['id']}")).status_code == 404
         assert (await api.get(f"{URL}/{hook['id']}/deliveries")).status_code == 404
+        operator = await api.post(
+            "/api/v1/tokens", json={"name": "op", "spec": {"scope": "operator"}}
+        )
+        headers = {"Authorization": f"Bearer {operator.json()['token']}"}
+        assert (await api.get(URL, headers=headers)).status_code == 403
 
     async def test_bad_urls_are_422_naming_spec_url(self, api: httpx.AsyncClient) -> None:
         for url in (
@@ -174,29 +179,17 @@ class TestSubscriptions:
         # Loopback and private addresses stay allowed (receivers on the appliance's network).
         for i, url in enumerate(("http://127.0.0.1:9/h", "https://10.0.0.5/h", "http://[::1]:9/")):
             await create(api, f"ok{i}", url)
-
-    async def test_bad_patch_url_and_types_are_422(
-        self, api: httpx.AsyncClient, receivers: Any
-    ) -> None:
-        receiver = await receivers()
-        hook = await create(api, "sink", receiver.url)
+        response = await api.post(
+            URL, json={"name": "x", "spec": {"url": "http://127.0.0.1:9/", "eventTypes": ["a b"]}}
+        )
+        assert response.status_code == 422
+        assert response.json()["errors"][0]["field"].startswith("spec.eventTypes")
+        hook = (await api.get(URL)).json()["items"][0]
         response = await api.patch(
             f"{URL}/{hook['id']}", json={"spec": {"url": "http://169.254.169.254/"}}
         )
         assert response.status_code == 422
         assert response.json()["errors"][0]["field"] == "spec.url"
-        response = await api.post(
-            URL, json={"name": "x", "spec": {"url": receiver.url, "eventTypes": ["no spaces"]}}
-        )
-        assert response.status_code == 422
-        assert response.json()["errors"][0]["field"].startswith("spec.eventTypes")
-
-    async def test_admin_only(self, api: httpx.AsyncClient) -> None:
-        token = (
-            await api.post("/api/v1/tokens", json={"name": "op", "spec": {"scope": "operator"}})
-        ).json()["token"]
-        response = await api.get(URL, headers={"Authorization": f"Bearer {token}"})
-        assert response.status_code == 403
 
 
 class TestDelivery:
@@ -205,11 +198,15 @@ class TestDelivery:
     ) -> None:
         receiver = await receivers()
         hook = await create(api, "sink", receiver.url, eventTypes=["io.nest.cluster.deleted.v1"])
+        other = Envelope(source="/nest/backup", type="io.nest.backup.completed.v1", data={})
+        await bus.publish_envelope("nest.event.backup.completed", other)
         sent = await publish(bus)
         items = await deliveries(api, hook["id"], lambda d: d and d[0]["status"] == "delivered")
         assert items[0]["attempts"] == 1
         assert items[0]["responseCode"] == 204
         assert items[0]["eventId"] == sent.id
+        # Only the subscribed type was queued and sent.
+        assert [d["eventId"] for d in items] == [sent.id]
         [(headers, body)] = receiver.requests
         assert headers["Content-Type"] == "application/cloudevents+json"
         assert verify_signature(hook["secret"], headers["Nest-Signature"], body)
@@ -220,17 +217,6 @@ class TestDelivery:
         assert event["specversion"] == "1.0"
         status = (await api.get(f"{URL}/{hook['id']}")).json()["status"]
         assert status["lastOutcome"] == "delivered" and status["consecutiveFailures"] == 0
-
-    async def test_only_matching_types_are_delivered(
-        self, api: httpx.AsyncClient, bus: Bus, receivers: Any
-    ) -> None:
-        receiver = await receivers()
-        hook = await create(api, "sink", receiver.url, eventTypes=["io.nest.backup."])
-        await publish(bus)
-        wanted = Envelope(source="/nest/backup", type="io.nest.backup.completed.v1", data={})
-        await bus.publish_envelope("nest.event.backup.completed", wanted)
-        items = await deliveries(api, hook["id"], lambda d: d and d[0]["status"] == "delivered")
-        assert [d["eventId"] for d in items] == [wanted.id]
 
     async def test_5xx_is_retried_with_backoff_until_it_succeeds(
         self, api: httpx.AsyncClient, bus: Bus, receivers: Any

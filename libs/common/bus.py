@@ -320,7 +320,10 @@ class Bus:
             with contextlib.suppress(Exception):
                 await msg.respond(json.dumps(answer).encode())
 
-        return await self.nc.subscribe(subject, queue=queue, cb=respond)
+        subscription = await self.nc.subscribe(subject, queue=queue, cb=respond)
+        # Make the interest known to the server before callers are told we serve.
+        await self.nc.flush(timeout=5)
+        return subscription
 
 
 @dataclass

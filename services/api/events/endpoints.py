@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 
 from services.api.auth.dependencies import ViewerDep
+from services.api.auth.service import authenticate
 from services.api.db import SessionDep
 from services.api.events import service
 from services.api.events.schemas import EventPage
@@ -124,5 +125,12 @@ async def stream_events(
         after = _position(last_event_id, "Last-Event-ID")
     elif since is not None:
         after = _position(since, "since")
+    token = request.headers.get("authorization", "").partition(" ")[2].strip()
+
+    async def still_authorized() -> bool:
+        # The token cache makes this cheap; a revoked token is seen within its few seconds.
+        state = request.app.state
+        return await authenticate(state.sessions, state.token_cache, token) is not None
+
     feed: service.EventFeed = request.app.state.events
-    return await feed.stream(where, after)
+    return await feed.stream(where, after, still_authorized)

@@ -26,6 +26,7 @@ from services.api.events.stream import (
     BATCH,
     Broadcaster,
     EventStreamResponse,
+    StillAuthorized,
     StreamedEvent,
     sse_frame,
 )
@@ -195,7 +196,9 @@ class EventFeed:
             rows = await repository.page(session, where, after=after, limit=BATCH, upto=upto)
             return [sse_frame(row) for row in rows]
 
-    async def stream(self, where: EventFilter, after: int | None) -> EventStreamResponse:
+    async def stream(
+        self, where: EventFilter, after: int | None, authorized: StillAuthorized | None = None
+    ) -> EventStreamResponse:
         """A stream from `after`, or from the newest recorded event if None."""
         await self.broadcaster.wait_ready()
         if after is None:
@@ -208,6 +211,7 @@ class EventFeed:
             where,
             after=after,
             heartbeat=self.settings.sse_heartbeat_seconds,
+            authorized=authorized,
         )
 
     async def run(self) -> None:

@@ -30,6 +30,10 @@ from services.api.models import EventRecord
 log = logging.getLogger(__name__)
 
 BATCH = 500
+CLOSING_NOTES = {
+    "lagging": "lagging behind; reconnect with Last-Event-ID",
+    "unauthorized": "the token is no longer valid",
+}
 RETRY_MILLISECONDS = 2000
 """Sent as `retry:`: how long an EventSource waits before it reconnects."""
 
@@ -165,13 +169,17 @@ class Broadcaster:
 ReplayPage = Callable[[EventFilter, int, int], Awaitable[Sequence[StreamedEvent]]]
 """(filter, after, upto) -> the next matching events from the history, oldest first."""
 
+StillAuthorized = Callable[[], Awaitable[bool]]
+"""Whether the stream's token is still valid (not revoked, not expired)."""
+
 
 class EventStreamResponse(Response):
     """An ASGI response streaming events as `text/event-stream`.
 
     Replays the history after `after` (None: start at the live head), then streams live events,
     with a comment line every `heartbeat` seconds. Ends when the client goes away, when it lags
-    (the client reconnects with Last-Event-ID), or when the app shuts down.
+    (the client reconnects with Last-Event-ID), when its token stops being valid (checked every
+    `heartbeat` seconds), or when the app shuts down.
     """
 
     def __init__(
@@ -182,6 +190,7 @@ class EventStreamResponse(Response):
         *,
         after: int | None,
         heartbeat: float,
+        authorized: StillAuthorized | None = None,
         write_timeout: float = 30.0,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
@@ -190,6 +199,7 @@ class EventStreamResponse(Response):
         self.where = where
         self.after = after
         self.heartbeat = heartbeat
+        self.authorized = authorized
         self.write_timeout = write_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -245,7 +255,14 @@ class EventStreamResponse(Response):
             await self._write(send, b"".join(e.frame for e in events))
             last = events[-1].position
         queue = subscriber.queue
+        loop = asyncio.get_running_loop()
+        check_at = loop.time() + self.heartbeat
         while not subscriber.dropped.is_set():
+            if self.authorized is not None and loop.time() >= check_at:
+                check_at = loop.time() + self.heartbeat
+                if not await self.authorized():
+                    subscriber.reason = "unauthorized"
+                    break
             if queue.empty():
                 try:
                     async with asyncio.timeout(self.heartbeat):
@@ -262,8 +279,6 @@ class EventStreamResponse(Response):
             if frames:
                 await self._write(send, b"".join(frames))
                 last = max(e.position for e in batch if e is not None)
-        note = (
-            "lagging behind; reconnect with Last-Event-ID" if subscriber.reason == "lagging" else ""
-        )
+        note = CLOSING_NOTES.get(subscriber.reason)
         closing = f": {note}\n\n".encode() if note else b""
         await self._write(send, closing, more=False)

@@ -343,6 +343,19 @@ class TestStream:
                 "io.nest.cluster.deleted.v1",
             ]
 
+    async def test_a_revoked_token_loses_its_stream(
+        self, api: httpx.AsyncClient, bus: Bus, live: str
+    ) -> None:
+        created = (await api.post("/api/v1/tokens", json={"name": "leaving"})).json()
+        async with sse(live, token=created["token"]) as stream:
+            first = await publish_deleted(bus, "c-1")
+            assert (await stream.next_event())["data"]["id"] == first.id
+            response = await api.delete(f"/api/v1/tokens/{created['id']}")
+            assert response.status_code == 200
+            with pytest.raises(AssertionError, match="stream ended"):
+                await stream.next_event(timeout=10)
+            assert "the token is no longer valid" in stream.comments
+
     async def test_bad_resume_position_is_422_and_sse_must_be_asked_for(
         self, api: httpx.AsyncClient
     ) -> None:

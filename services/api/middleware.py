@@ -248,12 +248,12 @@ class IdempotencyMiddleware:
                 break
         body = b"".join(chunks)
         sessions = scope["app"].state.sessions
-        owner = idempotency.owner_of(_header(scope, b"authorization"))
+        authorization = _header(scope, b"authorization")
         path = scope["path"]
         try:
             stored = await idempotency.begin(
                 sessions,
-                owner=owner,
+                authorization=authorization,
                 key=key,
                 method="POST",
                 path=path,
@@ -332,7 +332,7 @@ class IdempotencyMiddleware:
             try:
                 await idempotency.finish(
                     sessions,
-                    owner=owner,
+                    authorization=authorization,
                     key=key,
                     status=int(response["status"]),
                     body=b"".join(response["body"]),

@@ -4,16 +4,23 @@ A retry with the same key and the same request gets the original response and ca
 effect; the same key with another request is refused (422); a retry while the first attempt is
 still running gets 409. Keys are scoped per credential and expire after 24 hours. Responses
 that invite a retry (429, 5xx) are not stored, so the retry really runs.
+
+Stored responses can hold secrets (a new token, a webhook's signing secret), so they are
+encrypted (AES-256-GCM) with a key derived from the caller's own credential: only a retry
+with that credential can read them, never someone who reads the database.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -50,6 +57,21 @@ def owner_of(authorization: str | None) -> str:
     return hashlib.sha256((authorization or "").encode()).hexdigest()
 
 
+def _cipher(authorization: str | None) -> AESGCM:
+    key = hashlib.sha256(b"nest-idempotency-response\0" + (authorization or "").encode()).digest()
+    return AESGCM(key)
+
+
+def seal(authorization: str | None, body: bytes) -> str:
+    nonce = os.urandom(12)
+    return base64.b64encode(nonce + _cipher(authorization).encrypt(nonce, body, None)).decode()
+
+
+def unseal(authorization: str | None, sealed: str) -> bytes:
+    raw = base64.b64decode(sealed)
+    return _cipher(authorization).decrypt(raw[:12], raw[12:], None)
+
+
 def request_hash(method: str, path: str, body: bytes) -> str:
     digest = hashlib.sha256()
     for part in (method.encode(), b"\0", path.encode(), b"\0", body):
@@ -64,7 +86,7 @@ def storable(status: int) -> bool:
 async def begin(
     sessions: async_sessionmaker[AsyncSession],
     *,
-    owner: str,
+    authorization: str | None,
     key: str,
     method: str,
     path: str,
@@ -73,6 +95,7 @@ async def begin(
     """Claim the key for this request, or return the stored response to replay."""
     if not KEY_PATTERN.match(key):
         raise KeyInvalid(key)
+    owner = owner_of(authorization)
     now = utcnow()
     async with sessions() as session:
         existing = await repository.get(session, owner, key)
@@ -93,7 +116,7 @@ async def begin(
             headers: dict[str, Any] = existing.response_headers or {}
             return Stored(
                 existing.status,
-                (existing.response_body or "").encode(),
+                unseal(authorization, existing.response_body or ""),
                 {k: str(v) for k, v in headers.items()},
             )
         repository.add(
@@ -119,19 +142,18 @@ async def begin(
 async def finish(
     sessions: async_sessionmaker[AsyncSession],
     *,
-    owner: str,
+    authorization: str | None,
     key: str,
     status: int,
     body: bytes,
     headers: dict[str, str],
 ) -> None:
     """Store the response for replay, or release the key when the response invites a retry."""
+    owner = owner_of(authorization)
     async with sessions() as session:
         if storable(status):
             kept = {k: v for k, v in headers.items() if k in REPLAYED_HEADERS}
-            await repository.complete(
-                session, owner, key, status, body.decode("utf-8", "replace"), kept
-            )
+            await repository.complete(session, owner, key, status, seal(authorization, body), kept)
         else:
             await repository.remove(session, owner, key)
         await session.commit()

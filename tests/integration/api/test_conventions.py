@@ -225,6 +225,18 @@ class TestIdempotency:
         )
         assert other.status_code == 201
 
+    async def test_replayed_secrets_are_not_stored_readably(self, api: httpx.AsyncClient) -> None:
+        headers = {"Idempotency-Key": "token-once"}
+        body = {"name": "ci", "spec": {"scope": "viewer"}}
+        first = await api.post("/api/v1/tokens", json=body, headers=headers)
+        again = await api.post("/api/v1/tokens", json=body, headers=headers)
+        secret = first.json()["token"]
+        assert again.json()["token"] == secret  # the retry gets its answer
+        async with api.app.state.sessions() as session:  # type: ignore[attr-defined]
+            rows = (await session.execute(text("SELECT * FROM idempotency_records"))).all()
+        assert rows and secret not in repr(rows)
+        assert len((await api.get("/api/v1/tokens")).json()["items"]) == 2  # admin + ci
+
     async def test_invalid_key_is_rejected(self, api: httpx.AsyncClient) -> None:
         response = await api.post(
             CLUSTERS, json={"name": "x"}, headers={"Idempotency-Key": "a" * 300}

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +34,8 @@ from services.api.auth import service as auth  # noqa: E402
 from services.api.db import create_engine, migrate, session_factory  # noqa: E402
 from services.api.models import Cluster  # noqa: E402
 from tests.support.processes import ADMIN_TOKEN, AUTH, kill_group, nest_process, wait_http  # noqa: E402
+
+AUTH_HEADER = f"Authorization: Bearer {ADMIN_TOKEN}"
 
 PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -133,6 +138,25 @@ async def report_reads(client: httpx.AsyncClient, args: argparse.Namespace) -> N
     print(f"walk all clusters, {walked} pages of 500: {time.perf_counter() - started:.2f} s")
 
 
+def wrk(url: str, *, auth: bool = True, seconds: int = 10, connections: int = 16) -> str:
+    """Drive one URL with wrk (a C load generator, so the client is not the bottleneck)."""
+    if shutil.which("wrk") is None:
+        return "wrk not installed (apt-get install wrk)"
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if auth:
+        command[1:1] = ["-H", AUTH_HEADER]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"50%\s+([\d.]+\w+)", out)
+    p99 = re.search(r"99%\s+([\d.]+\w+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return (
+        f"{float(rate.group(1)) if rate else 0:7.0f} req/s   p50 {p50.group(1) if p50 else '?'}"
+        f"   p99 {p99.group(1) if p99 else '?'}"
+        + (f"   NON-2xx: {errors.group(1)}" if errors else "")
+    )
+
+
 async def auth_cost_us(url: str) -> float:
     """Per-request cost of authentication on the hot path (a verified, cached token)."""
     engine = create_engine(Settings(database_url=url).resolved_database_url)
@@ -187,9 +211,17 @@ async def main() -> None:
         ) as client:
             await report_reads(client, args)
             health_rate, _ = await load(client, ["/healthz"] * args.requests, args.concurrency)
+            one = (await client.get("/api/v1/clusters", params={"limit": 1})).json()["items"][0]
+            cursor = (await client.get("/api/v1/clusters", params={"limit": 100})).json()["next"]
+        print("# the same with wrk (16 connections, 10 s), so the client is not the bottleneck:")
+        one_url = f"{base}/api/v1/clusters/{one['id']}"
+        print(f"{'GET /clusters/{id}':<34} {wrk(one_url)}")
+        page_url = f"{base}/api/v1/clusters?limit=100&cursor={cursor}"
+        print(f"{'GET /clusters?limit=100 (page 2)':<34} {wrk(page_url)}")
+        print(f"{'GET /healthz (no auth, no DB)':<34} {wrk(f'{base}/healthz', auth=False)}")
         cost = await auth_cost_us(url)
         print(f"auth on the hot path: {cost:.1f} us per request (verified token, cached)")
-        print(f"/healthz (no auth, no DB): {health_rate:.0f} req/s")
+        print(f"/healthz through the httpx client (its own ceiling): {health_rate:.0f} req/s")
     finally:
         kill_group(api)
         nats.stop()

@@ -7,6 +7,8 @@ transaction, so the row and the intent commit together or not at all.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -60,12 +62,19 @@ IMMUTABLE_SPEC_FIELDS: tuple[tuple[str, ...], ...] = (
 Notify = Callable[[], None]
 
 
+@functools.lru_cache(maxsize=4096)
+def _stored_spec(canonical: str) -> ClusterSpec:
+    """A stored spec as a model. Specs repeat across clusters and validating CIDRs is costly,
+    so each distinct spec is validated once (responses only read the model, never mutate it)."""
+    return ClusterSpec.model_validate_json(canonical)
+
+
 def to_read(cluster: Cluster) -> ClusterRead:
     return ClusterRead(
         id=cluster.id,
         name=cluster.name,
         labels=dict(cluster.labels),
-        spec=ClusterSpec.model_validate(cluster.spec),
+        spec=_stored_spec(json.dumps(cluster.spec, sort_keys=True, separators=(",", ":"))),
         generation=cluster.generation,
         resource_version=str(cluster.version),
         created_at=cluster.created_at,

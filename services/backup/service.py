@@ -32,6 +32,7 @@ from libs.common.contract import (
     parse_payload,
 )
 from libs.common.contract.backup import BackupCompleted, BackupFailed, BackupStarted, RunBackup
+from libs.common.kv import Leases
 from libs.common.runner import instance_name
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
@@ -40,7 +41,7 @@ from services.backup.access import rpc_etcd_access
 from services.backup.layout import new_ref
 from services.backup.runs import BackupContext, EtcdAccess, RunRequest, run_backup
 from services.backup.schedule import CronError, CronSchedule, latest_due, plan_run
-from services.backup.state import Leases, ScheduleRecord, Schedules
+from services.backup.state import ScheduleRecord, Schedules, open_leases
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class BackupService:
         if self.context.etcd_access is None:
             self.context.etcd_access = rpc_etcd_access(bus, f"backup-{self.instance}")
         self._schedules = await Schedules.open(bus)
-        self._leases = await Leases.open(bus, ttl_seconds=max(4 * self.tick_seconds, 5.0))
+        self._leases = await open_leases(bus, ttl_seconds=max(4 * self.tick_seconds, 5.0))
         await self._ensure_foundry_schedule()
         spec = ConsumerSpec(
             stream=INTENTS_STREAM,

@@ -14,13 +14,14 @@ import contextlib
 from datetime import datetime
 
 import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from libs.common.bus import Bus
 from libs.common.contract.backup import BackupKind
 from libs.common.contract.base import WireModel
+from libs.common.kv import Leases, open_bucket
 
 SCHEDULES_BUCKET = "nest_backup_schedules"
 LEASES_BUCKET = "nest_backup_leases"
@@ -38,19 +39,6 @@ class ScheduleRecord(WireModel):
     """The firing time the last emitted run stood for; None: not run yet."""
 
 
-async def _bucket(bus: Bus, config: KeyValueConfig) -> KeyValue:
-    js = bus.nc.jetstream()
-    config.storage = StorageType.FILE
-    try:
-        return await js.key_value(str(config.bucket))
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:
-        return await js.key_value(str(config.bucket))  # another replica created it meanwhile
-
-
 class Schedules:
     """Schedule records by target, with compare-and-set updates."""
 
@@ -59,7 +47,7 @@ class Schedules:
 
     @classmethod
     async def open(cls, bus: Bus) -> Schedules:
-        return cls(await _bucket(bus, KeyValueConfig(bucket=SCHEDULES_BUCKET, history=1)))
+        return cls(await open_bucket(bus, KeyValueConfig(bucket=SCHEDULES_BUCKET, history=1)))
 
     async def all(self) -> list[tuple[ScheduleRecord, int]]:
         """Every valid record with its revision (malformed entries are skipped)."""
@@ -103,41 +91,6 @@ class Schedules:
             await self.kv.delete(target)
 
 
-class Leases:
-    """Named leases with a TTL; `hold` takes or renews one for `holder`."""
-
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
-
-    @classmethod
-    async def open(cls, bus: Bus, ttl_seconds: float) -> Leases:
-        return cls(
-            await _bucket(bus, KeyValueConfig(bucket=LEASES_BUCKET, history=1, ttl=ttl_seconds))
-        )
-
-    async def hold(self, name: str, holder: str) -> bool:
-        """Take the lease, or renew it if `holder` has it; False while someone else does."""
-        try:
-            await self.kv.create(name, holder.encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass
-        else:
-            return True
-        try:
-            entry = await self.kv.get(name)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            return False
-        if entry.value is None or entry.value.decode() != holder or entry.revision is None:
-            return False
-        try:
-            await self.kv.update(name, holder.encode(), last=entry.revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        return True
-
-    async def release(self, name: str, holder: str) -> None:
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            entry = await self.kv.get(name)
-            if entry.value is not None and entry.value.decode() == holder:
-                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-                    await self.kv.delete(name, last=entry.revision)
+async def open_leases(bus: Bus, ttl_seconds: float) -> Leases:
+    """This service's leases (bucket `LEASES_BUCKET`)."""
+    return await Leases.open(bus, LEASES_BUCKET, ttl_seconds)

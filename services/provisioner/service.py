@@ -40,6 +40,7 @@ from libs.common.contract.kubeconfig import (
     KubeconfigIssued,
     KubeconfigRequest,
 )
+from libs.common.kv import Leases
 from libs.common.logging import correlation_id
 from libs.common.runner import instance_name
 from libs.common.settings import Settings
@@ -47,7 +48,7 @@ from libs.common.tasks import TaskSet
 from services.provisioner import kube, pki, status
 from services.provisioner.kube import KubeError, KubeNotConfigured
 from services.provisioner.reconciler import Clock, ProvisionerConfig, Reconciler, utcnow
-from services.provisioner.store import ClusterRecord, ClusterStore, Leases
+from services.provisioner.store import ClusterRecord, ClusterStore, open_leases
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class ProvisionerService:
     async def start(self, bus: Bus) -> None:
         self._bus = bus
         self._store = await ClusterStore.open(bus)
-        self._leases = await Leases.open(bus, ttl_seconds=max(3 * self.resync_interval, 5.0))
+        self._leases = await open_leases(bus, ttl_seconds=max(3 * self.resync_interval, 5.0))
         spec = ConsumerSpec(
             stream=INTENTS_STREAM,
             durable=DURABLE,

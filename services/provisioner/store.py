@@ -9,16 +9,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.bus import Bus
 from libs.common.contract.cluster import ClusterEndpoint, Condition, ReconcileCluster
+from libs.common.kv import Leases, open_bucket
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ClusterStore:
 
     @classmethod
     async def open(cls, bus: Bus) -> ClusterStore:
-        return cls(await _bucket(bus, KeyValueConfig(bucket=CLUSTERS_BUCKET, history=1)))
+        return cls(await open_bucket(bus, KeyValueConfig(bucket=CLUSTERS_BUCKET, history=1)))
 
     async def get(self, cluster_id: str) -> ClusterRecord | None:
         try:
@@ -80,54 +80,6 @@ class ClusterStore:
         return keys
 
 
-class Leases:
-    """Named leases in the leases bucket; `hold` takes or renews one for `holder`."""
-
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
-
-    @classmethod
-    async def open(cls, bus: Bus, ttl_seconds: float) -> Leases:
-        config = KeyValueConfig(bucket=LEASES_BUCKET, history=1, ttl=ttl_seconds)
-        return cls(await _bucket(bus, config))
-
-    async def hold(self, name: str, holder: str) -> bool:
-        """Take the lease `name`, or renew it if `holder` has it; False if someone else does."""
-        try:
-            await self.kv.create(name, holder.encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass
-        else:
-            return True
-        try:
-            entry = await self.kv.get(name)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            return False  # expired or released between the two calls; the next round takes it
-        if entry.value is None or entry.value.decode() != holder:
-            return False
-        try:
-            await self.kv.update(name, holder.encode(), last=entry.revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        return True
-
-    async def release(self, name: str, holder: str) -> None:
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            entry = await self.kv.get(name)
-            if entry.value is not None and entry.value.decode() == holder:
-                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-                    await self.kv.delete(name, last=entry.revision)
-
-
-async def _bucket(bus: Bus, config: KeyValueConfig) -> KeyValue:
-    js = bus.nc.jetstream()
-    config.storage = StorageType.FILE
-    try:
-        return await js.key_value(str(config.bucket))
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.BadRequestError:
-        # Another replica created it between our two calls.
-        return await js.key_value(str(config.bucket))
+async def open_leases(bus: Bus, ttl_seconds: float) -> Leases:
+    """This service's leases (bucket `LEASES_BUCKET`)."""
+    return await Leases.open(bus, LEASES_BUCKET, ttl_seconds)

@@ -6,7 +6,6 @@ transaction, so the row and the intent commit together or not at all.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import logging
@@ -32,6 +31,7 @@ from libs.common.logging import correlation_id
 from services.api import selectors
 from services.api.clusters import repository
 from services.api.clusters.schemas import ClusterCreate, ClusterPatch, ClusterRead, ClusterStatus
+from services.api.merge_patch import merge_patch
 from services.api.models import Cluster, utcnow
 from services.api.outbox import repository as outbox
 from services.api.pagination import Cursor, Page
@@ -90,19 +90,6 @@ def to_read(cluster: Cluster) -> ClusterRead:
             }
         ),
     )
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: objects merge recursively, null removes, the rest replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 def _lookup(spec: dict[str, Any], path: tuple[str, ...]) -> Any:

@@ -6,12 +6,10 @@ durable queue never misses an event and never holds one twice.
 
 from __future__ import annotations
 
-import copy
 import logging
 import secrets
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common.contract.cluster import validate_labels
 from services.api.events.filters import TypePattern, matches_any, parse_patterns
+from services.api.merge_patch import merge_patch
 from services.api.models import Webhook, WebhookDelivery, utcnow
 from services.api.pagination import Cursor, Page
 from services.api.problems import Conflict, FieldError, InvalidInput, NotFound
@@ -82,19 +81,6 @@ def delivery_to_read(row: WebhookDelivery) -> DeliveryRead:
             "deliveredAt": row.delivered_at,
         }
     )
-
-
-def _merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = _merge_patch(result.get(key), value)
-    return result
 
 
 async def _commit(session: AsyncSession, name: str) -> None:
@@ -167,7 +153,7 @@ async def patch(session: AsyncSession, webhook_id: str, body: WebhookPatch) -> W
         )
     changed = False
     if body.labels is not None:
-        labels = _merge_patch(dict(row.labels), body.labels)
+        labels = merge_patch(dict(row.labels), body.labels)
         try:
             validate_labels(labels)
         except ValueError as exc:
@@ -181,7 +167,7 @@ async def patch(session: AsyncSession, webhook_id: str, body: WebhookPatch) -> W
     if body.spec is not None:
         current = {"url": row.url, "eventTypes": list(row.event_types), "enabled": row.enabled}
         try:
-            spec = WebhookSpecWrite.model_validate(_merge_patch(current, body.spec))
+            spec = WebhookSpecWrite.model_validate(merge_patch(current, body.spec))
         except ValidationError as exc:
             raise _invalid(exc, prefix=("spec",)) from None
         if spec.secret is not None and spec.secret != row.secret:

@@ -67,6 +67,8 @@ def up() -> None:
     from cli.supervisor import Supervisor
 
     settings = _settings()
+    token_file = settings.data_dir / "admin-token"
+    first_start = not token_file.exists() and settings.admin_token is None
 
     def ready() -> None:
         console.print(
@@ -74,6 +76,13 @@ def up() -> None:
         )
         console.print(f"  OpenAPI: {settings.api_url}/api/v1/openapi.json")
         console.print(f"  Data:    {settings.data_dir}   Logs: {settings.data_dir / 'logs'}")
+        if first_start and _wait_for(token_file, 30):
+            console.print(f"  Admin token (shown once; also in {token_file}, mode 0600):")
+            console.print(f"    {token_file.read_text().strip()}", markup=False, highlight=False)
+        elif settings.admin_token:
+            console.print("  Admin token: the value of NEST_ADMIN_TOKEN")
+        else:
+            console.print(f"  Admin token: in {token_file} (more: nest token create)")
         console.print("  Press Ctrl-C to stop.")
 
     supervisor = Supervisor(settings, list(SERVICES), say=errors.print)

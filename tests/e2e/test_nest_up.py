@@ -84,18 +84,35 @@ async def test_nest_up_serves_the_flow_and_stops_cleanly(tmp_path: Path) -> None
         kill_group(up)
 
 
-async def test_sigkilled_nest_up_leaves_nothing_and_the_next_start_recovers(tmp_path: Path) -> None:
+async def test_sigkilled_nest_up_leaves_nothing_and_the_next_start_recovers(
+    tmp_path: Path,
+) -> None:
     port = free_port()
-    env = {"NEST_DATA_DIR": str(tmp_path / "data"), "NEST_API_PORT": str(port)}
+    data = tmp_path / "data"
+    # No NEST_ADMIN_TOKEN: the first start generates the admin token and prints it once.
+    env: dict[str, str | None] = {
+        "NEST_DATA_DIR": str(data),
+        "NEST_API_PORT": str(port),
+        "NEST_ADMIN_TOKEN": None,
+        "NEST_TOKEN": None,
+    }
     os.environ.pop("NEST_NATS_URL", None)
     up = nest_process(["up"], env, tmp_path / "up-1.log")
     wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, process=up)
-    assert (
-        httpx.post(
-            f"http://127.0.0.1:{port}/api/v1/clusters", json={"name": "kept"}, headers=AUTH
-        ).status_code
-        == 201
+    token_file = data / "admin-token"
+    for _ in range(100):
+        if "Admin token" in (tmp_path / "up-1.log").read_text():
+            break
+        time.sleep(0.1)
+    token = token_file.read_text().strip()
+    assert token.startswith("nest_") and token_file.stat().st_mode & 0o777 == 0o600
+    assert token in (tmp_path / "up-1.log").read_text()
+    assert token not in (data / "logs" / "api.log").read_text()  # never logged
+    auth = {"Authorization": f"Bearer {token}"}
+    created = httpx.post(
+        f"http://127.0.0.1:{port}/api/v1/clusters", json={"name": "kept"}, headers=auth
     )
+    assert created.status_code == 201
     tree = wait_for_tree(up.pid, 2)
     os.kill(up.pid, signal.SIGKILL)  # only the supervisor: the kernel must take its children
     up.wait(10)
@@ -107,14 +124,11 @@ async def test_sigkilled_nest_up_leaves_nothing_and_the_next_start_recovers(tmp_
     up = nest_process(["up"], env, tmp_path / "up-2.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, process=up)
-        names = [
-            c["name"]
-            for c in httpx.get(f"http://127.0.0.1:{port}/api/v1/clusters", headers=AUTH).json()[
-                "items"
-            ]
-        ]
-        assert names == ["kept"]
+        listed = httpx.get(f"http://127.0.0.1:{port}/api/v1/clusters", headers=auth).json()
+        assert [c["name"] for c in listed["items"]] == ["kept"]
+        assert token_file.read_text().strip() == token  # not regenerated
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0
+        assert token not in (tmp_path / "up-2.log").read_text()  # shown once only
     finally:
         kill_group(up)

@@ -16,9 +16,13 @@ ADMIN_TOKEN = "nest-test-admin-token-0123456789abcdef0123"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def nest_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`python -m cli.main <args>` in its own process group, output to `log`."""
-    full_env = {**os.environ, "NEST_ADMIN_TOKEN": ADMIN_TOKEN, "NEST_TOKEN": ADMIN_TOKEN, **env}
+def nest_process(args: list[str], env: dict[str, str | None], log: Path) -> subprocess.Popen[bytes]:
+    """`python -m cli.main <args>` in its own process group, output to `log`.
+
+    `env` adds to the test's environment; a None value removes that variable.
+    """
+    merged = {**os.environ, "NEST_ADMIN_TOKEN": ADMIN_TOKEN, "NEST_TOKEN": ADMIN_TOKEN, **env}
+    full_env = {k: v for k, v in merged.items() if v is not None}
     full_env.pop("NEST_REQUIRE_ALL", None)
     with log.open("ab") as out:
         return subprocess.Popen(

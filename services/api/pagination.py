@@ -7,8 +7,9 @@ import binascii
 import json
 from datetime import datetime
 from typing import Annotated, Generic, TypeVar
+from urllib.parse import urlencode
 
-from fastapi import Query
+from fastapi import Query, Request
 from pydantic import BaseModel
 
 from services.api.problems import FieldError, InvalidInput
@@ -53,3 +54,12 @@ LimitQuery = Annotated[
 CursorQuery = Annotated[
     str | None, Query(description="The `next` cursor of the previous page.", max_length=512)
 ]
+
+
+def link_header(request: Request, next_cursor: str | None) -> dict[str, str]:
+    """The `Link: <…>; rel="next"` header of a page (same query, the next cursor), or none."""
+    if not next_cursor:
+        return {}
+    query = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor"]
+    query.append(("cursor", next_cursor))
+    return {"Link": f'<{request.url.path}?{urlencode(query)}>; rel="next"'}

@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from services.api.audit import service
 from services.api.audit.schemas import AuditEventRead
 from services.api.auth.dependencies import AdminDep
 from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page
+from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
 from services.api.responses import ModelResponse
 
 router = APIRouter(prefix="/audit-events", tags=["audit"])
@@ -24,6 +24,7 @@ router = APIRouter(prefix="/audit-events", tags=["audit"])
     summary="List audit events",
 )
 async def list_audit_events(
+    request: Request,
     session: SessionDep,
     admin: AdminDep,
     limit: LimitQuery = 100,
@@ -40,14 +41,13 @@ async def list_audit_events(
     ] = None,
 ) -> ModelResponse:
     """Every mutating request (and every credential read), newest first."""
-    return ModelResponse(
-        await service.list_events(
-            session,
-            limit=limit,
-            cursor=cursor,
-            resource=resource,
-            resource_id=resource_id,
-            since=since,
-            until=until,
-        )
+    page = await service.list_events(
+        session,
+        limit=limit,
+        cursor=cursor,
+        resource=resource,
+        resource_id=resource_id,
+        since=since,
+        until=until,
     )
+    return ModelResponse(page, headers=link_header(request, page.next))

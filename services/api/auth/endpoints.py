@@ -10,7 +10,7 @@ from services.api.auth import service
 from services.api.auth.dependencies import AdminDep
 from services.api.auth.schemas import TokenCreate, TokenCreated, TokenRead
 from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page
+from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
 from services.api.problems import Problem
 from services.api.responses import ModelResponse
 
@@ -39,10 +39,15 @@ async def create_token(body: TokenCreate, session: SessionDep, admin: AdminDep) 
 
 @router.get("", response_model=Page[TokenRead], operation_id="listTokens", summary="List tokens")
 async def list_tokens(
-    session: SessionDep, admin: AdminDep, limit: LimitQuery = 100, cursor: CursorQuery = None
+    request: Request,
+    session: SessionDep,
+    admin: AdminDep,
+    limit: LimitQuery = 100,
+    cursor: CursorQuery = None,
 ) -> ModelResponse:
     """Every token, active or not, without secrets."""
-    return ModelResponse(await service.list_tokens(session, limit=limit, cursor=cursor))
+    page = await service.list_tokens(session, limit=limit, cursor=cursor)
+    return ModelResponse(page, headers=link_header(request, page.next))
 
 
 @router.get(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, status
 
@@ -16,7 +15,7 @@ from services.api.auth.dependencies import OperatorDep, ViewerDep
 from services.api.clusters import kubeconfig, service
 from services.api.clusters.schemas import ClusterCreate, ClusterPatch, ClusterRead
 from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page
+from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
 from services.api.problems import Problem
 from services.api.responses import ModelResponse
 
@@ -133,12 +132,7 @@ async def list_clusters(
     page = await service.list_clusters(
         session, limit=limit, cursor=cursor, selector=label_selector, phase=phase
     )
-    headers = {}
-    if page.next:
-        query = {k: v for k, v in request.query_params.items() if k != "cursor"}
-        query["cursor"] = page.next
-        headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
-    return ModelResponse(page, headers=headers)
+    return ModelResponse(page, headers=link_header(request, page.next))
 
 
 @router.get(

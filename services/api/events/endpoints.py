@@ -12,7 +12,7 @@ from services.api.auth.service import authenticate
 from services.api.db import SessionDep
 from services.api.events import service
 from services.api.events.schemas import EventPage
-from services.api.pagination import CursorQuery, LimitQuery
+from services.api.pagination import CursorQuery, LimitQuery, link_header
 from services.api.problems import FieldError, InvalidInput, Problem, ProblemError
 
 router = APIRouter(prefix="/events", tags=["events"])
@@ -43,6 +43,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     responses=ERRORS,
 )
 async def list_events(
+    request: Request,
     session: SessionDep,
     principal: ViewerDep,
     type_: TypeQuery = None,
@@ -52,7 +53,8 @@ async def list_events(
 ) -> JSONResponse:
     """CloudEvents Nest recorded, oldest first. Types a token may not see are left out."""
     where = service.reader_filter(principal.scope, type_, subject)
-    return JSONResponse(await service.list_events(session, where, limit=limit, cursor=cursor))
+    page = await service.list_events(session, where, limit=limit, cursor=cursor)
+    return JSONResponse(page, headers=link_header(request, page.get("next")))
 
 
 class NotAcceptable(ProblemError):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query, Response, status
+from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 
 from services.api.auth.dependencies import AdminDep
 from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page
+from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
 from services.api.problems import Problem
 from services.api.responses import ModelResponse
 from services.api.webhooks import service
@@ -50,10 +50,15 @@ async def create_webhook(body: WebhookCreate, session: SessionDep, admin: AdminD
     "", response_model=Page[WebhookRead], operation_id="listWebhooks", summary="List webhooks"
 )
 async def list_webhooks(
-    session: SessionDep, admin: AdminDep, limit: LimitQuery = 100, cursor: CursorQuery = None
+    request: Request,
+    session: SessionDep,
+    admin: AdminDep,
+    limit: LimitQuery = 100,
+    cursor: CursorQuery = None,
 ) -> Response:
     """Webhooks in creation order, without their secrets."""
-    return ModelResponse(await service.list_webhooks(session, limit=limit, cursor=cursor))
+    page = await service.list_webhooks(session, limit=limit, cursor=cursor)
+    return ModelResponse(page, headers=link_header(request, page.next))
 
 
 @router.get(
@@ -107,6 +112,7 @@ async def delete_webhook(webhook_id: WebhookId, session: SessionDep, admin: Admi
 )
 async def list_deliveries(
     webhook_id: WebhookId,
+    request: Request,
     session: SessionDep,
     admin: AdminDep,
     status_: Annotated[DeliveryStatus | None, Query(alias="status")] = None,
@@ -114,8 +120,7 @@ async def list_deliveries(
     cursor: CursorQuery = None,
 ) -> Response:
     """Each event owed to this webhook, oldest first, with its attempts and outcome."""
-    return ModelResponse(
-        await service.list_deliveries(
-            session, webhook_id, limit=limit, cursor=cursor, status=status_
-        )
+    page = await service.list_deliveries(
+        session, webhook_id, limit=limit, cursor=cursor, status=status_
     )
+    return ModelResponse(page, headers=link_header(request, page.next))

@@ -464,3 +464,25 @@ async def test_a_key_left_in_flight_by_a_crash_can_be_retried(api: httpx.AsyncCl
     assert response.status_code == 201
     again = await api.post(CLUSTERS, content=body, headers=headers)
     assert again.headers["idempotent-replayed"] == "true"
+
+
+@pytest.mark.parametrize("path", ["/api/v1/tokens", "/api/v1/audit-events", "/api/v1/events"])
+async def test_every_collection_links_its_next_page(
+    api: httpx.AsyncClient, bus: Bus, path: str
+) -> None:
+    from libs.common.contract.cluster import ClusterDeleted
+
+    await new_token(api, "viewer", "one")
+    await new_token(api, "viewer", "two")
+    for i in range(2):
+        await bus.publish(ClusterDeleted(cluster_id=f"c{i}", observed_generation=1), source="test")
+    for _ in range(100):
+        first = await api.get(path, params={"limit": 1})
+        if first.json()["next"]:
+            break
+        await asyncio.sleep(0.05)
+    assert first.status_code == 200
+    link = first.headers["link"]
+    assert link.endswith('; rel="next"') and "limit=1" in link and "cursor=" in link
+    second = await api.get(link[1 : link.index(">")])
+    assert second.status_code == 200 and second.json()["items"] != first.json()["items"]

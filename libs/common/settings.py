@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     admin_token: Annotated[str | None, AfterValidator(_min_token_length)] = None
     """If set at first start, this string becomes the initial admin token."""
 
+    secrets_key: str | None = Field(default=None, repr=False, min_length=16)
+    """Seals stored secrets (S3 keys); unset: generated once into `<data dir>/secrets.key`."""
+
     log_level: str = "INFO"
     """Log level for every service (DEBUG, INFO, WARNING, ERROR)."""
 

@@ -19,6 +19,8 @@ from services.api import asyncapi, openapi, problems
 from services.api.audit.endpoints import router as audit_router
 from services.api.auth import service as auth
 from services.api.auth.endpoints import router as tokens_router
+from services.api.backup_locations.endpoints import router as backup_locations_router
+from services.api.backups.endpoints import router as backups_router
 from services.api.clusters.endpoints import router as clusters_router
 from services.api.db import create_engine, migrate, session_factory
 from services.api.events.endpoints import router as events_router
@@ -34,6 +36,7 @@ from services.api.middleware import (
 from services.api.outbox.relay import OutboxRelay
 from services.api.projector import Projector
 from services.api.ratelimit import RateLimiter
+from services.api.secrets import sealer_from_settings
 from services.api.webhooks.delivery import DeliveryWorker
 from services.api.webhooks.endpoints import router as webhooks_router
 
@@ -102,6 +105,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.admin_token_file = await auth.bootstrap_admin(
             app.state.sessions, settings.data_dir, settings.admin_token
         )
+        app.state.sealer = sealer_from_settings(settings)
         app.state.bus = Bus(servers_from_url(settings.nats_url or ""), name="nest-api")
         app.state.relay = OutboxRelay(app.state.sessions, app.state.bus)
         app.state.tasks = TaskSet()
@@ -161,6 +165,8 @@ def create_app(settings: Settings) -> FastAPI:
     api.include_router(events_router)
     api.include_router(webhooks_router)
     api.include_router(audit_router)
+    api.include_router(backup_locations_router)
+    api.include_router(backups_router)
     app.include_router(api)
     openapi.install(app)
 

@@ -253,3 +253,23 @@ class WebhookDelivery(Base):
         Index("ix_webhook_deliveries_webhook_created", "webhook_id", "created_at", "id"),
         Index("ix_webhook_deliveries_event", "event_position"),
     )
+
+
+class BackupLocation(Base):
+    """Where backups may be stored: an S3 bucket or a local directory, checked when written."""
+
+    __tablename__ = "backup_locations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    labels: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    kind: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    """The wire spec without the secret access key."""
+    sealed_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The secret access key, sealed by services.api.secrets; never returned, never logged."""
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_backup_locations_created_at_id", "created_at", "id"),)

@@ -20,10 +20,11 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import ValidationError
 
-from libs.common.bus import Bus, Consumer, ConsumerSpec, Delivery, Reject
+from libs.common.bus import Bus, Consumer, ConsumerSpec, Delivery, Reject, RpcError
 from libs.common.contract import (
     INTENTS_STREAM,
     Envelope,
@@ -32,6 +33,12 @@ from libs.common.contract import (
     parse_payload,
 )
 from libs.common.contract.backup import BackupCompleted, BackupFailed, BackupStarted, RunBackup
+from libs.common.contract.backup_location import (
+    PROBE_LOCATION_RPC_SUBJECT,
+    LocationProbed,
+    ProbeErrorKind,
+    ProbeLocationRequest,
+)
 from libs.common.kv import Leases
 from libs.common.runner import instance_name
 from libs.common.settings import Settings
@@ -42,6 +49,7 @@ from services.backup.layout import new_ref
 from services.backup.runs import BackupContext, EtcdAccess, RunRequest, run_backup
 from services.backup.schedule import CronError, CronSchedule, latest_due, plan_run
 from services.backup.state import ScheduleRecord, Schedules, open_leases
+from services.backup.store import probe
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,45 @@ def context_from_settings(settings: Settings, etcd_access: EtcdAccess | None) ->
     )
 
 
+PROBE_ERROR_KINDS: dict[type[errors.BackupError], ProbeErrorKind] = {
+    errors.BucketNotFound: "bucket-not-found",
+    errors.CredentialsRejected: "credentials-rejected",
+    errors.AccessDenied: "access-denied",
+    errors.EndpointUnreachable: "endpoint-unreachable",
+    errors.EndpointUntrusted: "endpoint-untrusted",
+    errors.EndpointForbidden: "endpoint-forbidden",
+}
+
+
+async def probe_location(body: dict[str, Any]) -> dict[str, Any]:
+    """Answer `nest.rpc.backup.probe_location`: write, read back and delete a probe object."""
+    try:
+        request = ProbeLocationRequest.model_validate(body)
+        store = config.store_from_location(request.spec)
+    except ValidationError as exc:
+        # Never echo the input: it holds the secret access key.
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False)
+        )
+        raise RpcError("invalid", problems) from None
+    try:
+        await probe(store)
+    except errors.BackupError as exc:
+        kind = next((k for t, k in PROBE_ERROR_KINDS.items() if isinstance(exc, t)), "store-error")
+        raise RpcError(kind, str(exc)) from None
+    except OSError as exc:
+        raise RpcError("store-error", f"{store.description}: {exc}") from None
+    finally:
+        await store.close()
+    log.info("backup location probed", extra={"location": store.description})
+    return LocationProbed(description=store.description).wire()
+
+
+async def serve_probe_location(bus: Bus) -> Any:
+    """Answer location probes (any replica may answer one)."""
+    return await bus.serve(PROBE_LOCATION_RPC_SUBJECT, probe_location, queue=SOURCE)
+
+
 class BackupService:
     """Backups of the Foundry DB and of clusters' etcd, on schedule and on request."""
 
@@ -96,6 +143,7 @@ class BackupService:
         self._schedules: Schedules | None = None
         self._leases: Leases | None = None
         self._run_lock = asyncio.Lock()
+        self._probe_subscription: Any = None
 
     @property
     def bus(self) -> Bus:
@@ -122,8 +170,12 @@ class BackupService:
         self._consumer = bus.consumer(spec, self.handle)
         self._tasks.spawn("intents", self._consumer.run())
         self._tasks.spawn("scheduler", self._scheduler_loop())
+        self._probe_subscription = await serve_probe_location(bus)
 
     async def stop(self, timeout: float) -> None:
+        if self._probe_subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._probe_subscription.unsubscribe()
         if self._consumer is not None:
             await self._consumer.drain(timeout)
         if self._leases is not None:

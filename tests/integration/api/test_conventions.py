@@ -44,6 +44,12 @@ REQUIRED_SCOPE = {
     "updateWebhook": "admin",
     "deleteWebhook": "admin",
     "listWebhookDeliveries": "admin",
+    "createBackupLocation": "admin",
+    "listBackupLocations": "admin",
+    "getBackupLocation": "admin",
+    "updateBackupLocation": "admin",
+    "deleteBackupLocation": "admin",
+    "createBackup": "operator",
 }
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 

@@ -30,8 +30,6 @@ class RunBackup(WireModel):
     trigger: Literal["manual", "schedule"] = "manual"
     scheduled_for: datetime | None = None
     """For a scheduled run: the firing time it stands for."""
-    location_id: str | None = None
-    """A backup location the API stores (absent: the service's configured store)."""
 
 
 class BackupStarted(WireModel):

@@ -11,14 +11,14 @@ from libs.common.contract.base import WireModel
 
 
 class BackupRequest(WireModel):
+    """What to back up now. Backups go to the backup service's configured store; choosing a
+    stored backup location per run is not supported yet (the field is refused, not ignored)."""
+
     target: Literal["foundry", "cluster"] = Field(
         description="`foundry` (the Foundry DB) or `cluster` (a cluster's etcd)."
     )
     cluster_id: str | None = Field(
         default=None, max_length=64, description="The cluster, for target `cluster`."
-    )
-    location_id: str | None = Field(
-        default=None, max_length=64, description="A backup location; absent: the default store."
     )
 
     @model_validator(mode="after")

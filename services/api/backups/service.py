@@ -10,7 +10,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from libs.common.contract import envelope_for
 from libs.common.contract.backup import RunBackup
 from libs.common.logging import correlation_id
-from services.api.backup_locations import repository as locations
 from services.api.backups.schemas import BackupAccepted, BackupRequest
 from services.api.clusters import repository as clusters
 from services.api.outbox import repository as outbox
@@ -31,8 +30,6 @@ def _unknown(field: str, message: str) -> InvalidInput:
 async def request_backup(
     session: AsyncSession, body: BackupRequest, notify: Notify
 ) -> BackupAccepted:
-    if body.location_id is not None and await locations.get(session, body.location_id) is None:
-        raise _unknown("locationId", f"backup location {body.location_id!r} does not exist")
     if body.target == "cluster":
         cluster = await clusters.get(session, body.cluster_id or "")
         if cluster is None:
@@ -44,10 +41,9 @@ async def request_backup(
             kind="etcd",
             cluster_id=cluster.id,
             kubernetes_version=cluster.spec.get("kubernetesVersion"),
-            location_id=body.location_id,
         )
     else:
-        intent = RunBackup(target="foundry", kind="foundry", location_id=body.location_id)
+        intent = RunBackup(target="foundry", kind="foundry")
     subject, envelope = envelope_for(
         intent, source=SOURCE, subject=intent.target, correlation_id=correlation_id.get()
     )

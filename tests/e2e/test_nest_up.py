@@ -98,28 +98,31 @@ async def test_sigkilled_nest_up_leaves_nothing_and_the_next_start_recovers(
     }
     os.environ.pop("NEST_NATS_URL", None)
     up = nest_process(["up"], env, tmp_path / "up-1.log")
-    wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, process=up)
-    token_file = data / "admin-token"
-    for _ in range(100):
-        if "Admin token" in (tmp_path / "up-1.log").read_text():
-            break
-        time.sleep(0.1)
-    token = token_file.read_text().strip()
-    assert token.startswith("nest_") and token_file.stat().st_mode & 0o777 == 0o600
-    assert token in (tmp_path / "up-1.log").read_text()
-    assert token not in (data / "logs" / "api.log").read_text()  # never logged
-    auth = {"Authorization": f"Bearer {token}"}
-    created = httpx.post(
-        f"http://127.0.0.1:{port}/api/v1/clusters", json={"name": "kept"}, headers=auth
-    )
-    assert created.status_code == 201
-    tree = wait_for_tree(up.pid, 2)
-    os.kill(up.pid, signal.SIGKILL)  # only the supervisor: the kernel must take its children
-    up.wait(10)
-    deadline = time.monotonic() + 10
-    while descendants_alive(tree) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert descendants_alive(tree) == []
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, process=up)
+        token_file = data / "admin-token"
+        for _ in range(100):
+            if "Admin token" in (tmp_path / "up-1.log").read_text():
+                break
+            time.sleep(0.1)
+        token = token_file.read_text().strip()
+        assert token.startswith("nest_") and token_file.stat().st_mode & 0o777 == 0o600
+        assert token in (tmp_path / "up-1.log").read_text()
+        assert token not in (data / "logs" / "api.log").read_text()  # never logged
+        auth = {"Authorization": f"Bearer {token}"}
+        created = httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/clusters", json={"name": "kept"}, headers=auth
+        )
+        assert created.status_code == 201
+        tree = wait_for_tree(up.pid, 2)
+        os.kill(up.pid, signal.SIGKILL)  # only the supervisor: the kernel must take its children
+        up.wait(10)
+        deadline = time.monotonic() + 10
+        while descendants_alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert descendants_alive(tree) == []
+    finally:
+        kill_group(up)
 
     up = nest_process(["up"], env, tmp_path / "up-2.log")
     try:

@@ -36,7 +36,7 @@ from services.api.middleware import (
 from services.api.outbox.relay import OutboxRelay
 from services.api.projector import Projector
 from services.api.ratelimit import RateLimiter
-from services.api.secrets import sealer_from_settings
+from libs.common.secrets import sealer_from_settings
 from services.api.webhooks.delivery import DeliveryWorker
 from services.api.webhooks.endpoints import router as webhooks_router
 

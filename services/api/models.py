@@ -267,7 +267,7 @@ class BackupLocation(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JsonType)
     """The wire spec without the secret access key."""
     sealed_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
-    """The secret access key, sealed by services.api.secrets; never returned, never logged."""
+    """The secret access key, sealed by libs.common.secrets; never returned, never logged."""
     generation: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

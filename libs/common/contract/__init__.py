@@ -11,15 +11,31 @@ from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel
 
-from libs.common.contract.backup import BackupCompleted, BackupFailed, BackupStarted, RunBackup
+from libs.common.contract.backup import (
+    BackupCompleted,
+    BackupFailed,
+    BackupStarted,
+    DrillFailed,
+    DrillPassed,
+    RpoMissed,
+    RunBackup,
+)
+from libs.common.contract.backup_policy import (
+    ApplyBackupLocation,
+    ApplyBackupPolicy,
+    DeleteBackupLocation,
+    DeleteBackupPolicy,
+)
 from libs.common.contract.base import WireModel
 from libs.common.contract.cluster import (
+    ClusterDeclared,
     ClusterDeleted,
     ClusterStatusChanged,
     DeleteCluster,
     ReconcileCluster,
 )
 from libs.common.contract.envelope import Envelope
+from libs.common.contract.restore import PrepareRestore, RestoreEtcd, RestoreProgressed
 
 INTENTS_STREAM = "NEST_INTENTS"
 EVENTS_STREAM = "NEST_EVENTS"
@@ -116,6 +132,83 @@ MESSAGES: tuple[MessageType, ...] = (
         kind="event",
         payload=BackupFailed,
         summary="A backup run failed; no incomplete backup is listed.",
+    ),
+    MessageType(
+        type="io.nest.backup.drill_passed.v1",
+        subject=event_subject("backup", "drill_passed"),
+        kind="event",
+        payload=DrillPassed,
+        summary="A restore drill of a target's newest backup into scratch checked out.",
+    ),
+    MessageType(
+        type="io.nest.backup.drill_failed.v1",
+        subject=event_subject("backup", "drill_failed"),
+        kind="event",
+        payload=DrillFailed,
+        summary="A restore drill failed: the newest backup would not restore as recorded.",
+    ),
+    MessageType(
+        type="io.nest.backup.rpo_missed.v1",
+        subject=event_subject("backup", "rpo_missed"),
+        kind="event",
+        payload=RpoMissed,
+        summary="No successful backup of a target within its policy's recovery point objective.",
+    ),
+    MessageType(
+        type="io.nest.backup.policy_apply.v1",
+        subject=intent_subject("backup", "policy_apply"),
+        kind="intent",
+        payload=ApplyBackupPolicy,
+        summary="Create or replace a backup policy in the backup service's copy.",
+    ),
+    MessageType(
+        type="io.nest.backup.policy_delete.v1",
+        subject=intent_subject("backup", "policy_delete"),
+        kind="intent",
+        payload=DeleteBackupPolicy,
+        summary="Forget a backup policy (its backups stay).",
+    ),
+    MessageType(
+        type="io.nest.backup.location_apply.v1",
+        subject=intent_subject("backup", "location_apply"),
+        kind="intent",
+        payload=ApplyBackupLocation,
+        summary="Create or replace a backup location (secret sealed) in the backup service's copy.",
+    ),
+    MessageType(
+        type="io.nest.backup.location_delete.v1",
+        subject=intent_subject("backup", "location_delete"),
+        kind="intent",
+        payload=DeleteBackupLocation,
+        summary="Forget a backup location.",
+    ),
+    MessageType(
+        type="io.nest.cluster.declared.v1",
+        subject=event_subject("cluster", "declared"),
+        kind="event",
+        payload=ClusterDeclared,
+        summary="The API accepted a cluster or a change to it (name, version, labels).",
+    ),
+    MessageType(
+        type="io.nest.restore.prepare.v1",
+        subject=intent_subject("backup", "restore_prepare"),
+        kind="intent",
+        payload=PrepareRestore,
+        summary="Fetch and verify a backup for a cluster restore, then hand it to the provisioner.",
+    ),
+    MessageType(
+        type="io.nest.restore.etcd.v1",
+        subject=intent_subject("provisioner", "restore"),
+        kind="intent",
+        payload=RestoreEtcd,
+        summary="Restore a cluster's etcd members from a staged, verified snapshot.",
+    ),
+    MessageType(
+        type="io.nest.restore.progressed.v1",
+        subject=event_subject("restore", "progressed"),
+        kind="event",
+        payload=RestoreProgressed,
+        summary="A cluster restore moved to a new phase (or failed, with a reason).",
     ),
 )
 

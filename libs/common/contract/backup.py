@@ -30,6 +30,12 @@ class RunBackup(WireModel):
     trigger: Literal["manual", "schedule"] = "manual"
     scheduled_for: datetime | None = None
     """For a scheduled run: the firing time it stands for."""
+    policy_id: str | None = None
+    """Run under this backup policy: its location, encryption and retention apply."""
+    location_id: str | None = None
+    """Write to this backup location (a manual run without a policy). Neither this nor
+    `policy_id`: the default policy's location if there is one, else the store configured in
+    the backup service's settings."""
 
 
 class BackupStarted(WireModel):
@@ -40,6 +46,11 @@ class BackupStarted(WireModel):
     backup: str
     """The backup's reference, `<target>/<time>-<id>`."""
     started_at: datetime
+    cluster_id: str | None = None
+    policy_id: str | None = None
+    location_id: str | None = None
+    """None: the store configured in the backup service's settings."""
+    trigger: Literal["manual", "schedule"] = "manual"
 
 
 class BackupCompleted(WireModel):
@@ -56,6 +67,17 @@ class BackupCompleted(WireModel):
     etcd_revision: int | None = None
     pruned: list[str] = Field(default_factory=list)
     """References of backups retention deleted after this one."""
+    cluster_id: str | None = None
+    policy_id: str | None = None
+    location_id: str | None = None
+    started_at: datetime | None = None
+    plaintext_bytes: int | None = None
+    stored_sha256: str | None = None
+    etcd_key_count: int | None = None
+    kubernetes_version: str | None = None
+    encryption_key_id: str | None = None
+    duration_seconds: float | None = None
+    throughput_bytes_per_second: float | None = None
 
 
 class BackupFailed(WireModel):
@@ -68,3 +90,58 @@ class BackupFailed(WireModel):
     reason: str
     """Machine-readable failure kind (e.g. `BucketNotFound`, `SnapshotCorrupt`)."""
     message: str
+    cluster_id: str | None = None
+    policy_id: str | None = None
+    location_id: str | None = None
+
+
+class DrillPassed(WireModel):
+    """A restore drill restored `backup` into a scratch etcd / scratch database and it checked out.
+
+    etcd: revision and key count compared with the manifest. Foundry DB: the dump restored into
+    a scratch database (SQLite file / PostgreSQL database), integrity checked, rows counted.
+    """
+
+    target: str
+    kind: BackupKind
+    backup: str
+    location_id: str | None = None
+    policy_id: str | None = None
+    drilled_at: datetime
+    duration_seconds: float
+    etcd_revision: int | None = None
+    etcd_key_count: int | None = None
+    table_rows: dict[str, int] | None = None
+    """Foundry DB: rows per table in the restored scratch database."""
+
+
+class DrillFailed(WireModel):
+    """A restore drill failed: the newest backup of `target` would not restore as recorded."""
+
+    target: str
+    kind: BackupKind
+    backup: str | None = None
+    """None when there was no verified backup to drill."""
+    location_id: str | None = None
+    policy_id: str | None = None
+    drilled_at: datetime
+    reason: str
+    """e.g. `IntegrityError`, `WrongKey`, `RevisionMismatch`, `KeyCountMismatch`, `NoBackup`."""
+    message: str
+
+
+class RpoMissed(WireModel):
+    """No successful backup of `target` within the policy's recovery point objective.
+
+    Published once when the objective is first missed (and again each further RPO period that
+    passes without a success); a later success ends it.
+    """
+
+    policy_id: str
+    target: str
+    kind: BackupKind
+    cluster_id: str | None = None
+    rpo_seconds: int
+    last_success_at: datetime | None = None
+    """None: the target never had a successful backup under this policy."""
+    detected_at: datetime

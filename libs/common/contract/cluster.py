@@ -165,7 +165,16 @@ class ClusterSpec(WireModel):
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]
-Phase = Literal["Pending", "Provisioning", "Ready", "Upgrading", "Degraded", "Deleting", "Failed"]
+Phase = Literal[
+    "Pending",
+    "Provisioning",
+    "Ready",
+    "Upgrading",
+    "Restoring",
+    "Degraded",
+    "Deleting",
+    "Failed",
+]
 
 
 class Condition(WireModel):
@@ -223,6 +232,21 @@ class ClusterStatusChanged(WireModel):
     message: str = ""
     conditions: list[Condition] = Field(default_factory=list)
     endpoint: ClusterEndpoint | None = None
+
+
+class ClusterDeclared(WireModel):
+    """The API accepted a cluster or a change to it (published by the API through its outbox).
+
+    Lets other services follow the set of clusters and their names and versions without reading
+    the API's database: the backup service schedules "all clusters" policies from it.
+    """
+
+    cluster_id: str
+    name: str
+    generation: int = Field(ge=1)
+    kubernetes_version: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    deletion_requested: bool = False
 
 
 class ClusterDeleted(WireModel):

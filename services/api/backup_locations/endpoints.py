@@ -18,7 +18,7 @@ from services.api.db import SessionDep
 from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
 from services.api.problems import Problem
 from services.api.responses import ModelResponse
-from services.api.secrets import Sealer
+from libs.common.secrets import Sealer
 
 router = APIRouter(prefix="/backup-locations", tags=["backups"])
 

@@ -25,7 +25,7 @@ from services.api.models import BackupLocation, utcnow
 from services.api.pagination import Cursor, Page
 from services.api.problems import Conflict, FieldError, InvalidInput, NotFound
 from services.api.problems import invalid_from_validation as _invalid
-from services.api.secrets import Sealer
+from libs.common.secrets import Sealer
 
 log = logging.getLogger(__name__)
 

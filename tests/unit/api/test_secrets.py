@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from libs.common.settings import Settings
-from services.api.secrets import SealedSecretError, Sealer, load_key, sealer_from_settings
+from libs.common.secrets import SealedSecretError, Sealer, load_key, sealer_from_settings
 
 
 def test_sealed_value_opens_only_for_its_owner_and_key() -> None:

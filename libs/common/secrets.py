@@ -1,4 +1,4 @@
-"""Sealing of secrets the API must store and use again (S3 secret access keys).
+"""Sealing of secrets Nest must store and use again (S3 secret access keys): API and backup service.
 
 AES-256-GCM with a key derived (HKDF-SHA256) from `NEST_SECRETS_KEY`, or, when that is unset,
 from a random key generated at the first start into `<data dir>/secrets.key` (mode 0600). Each

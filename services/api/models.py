@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -273,3 +274,50 @@ class BackupLocation(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (Index("ix_backup_locations_created_at_id", "created_at", "id"),)
+
+
+class Backup(Base):
+    """A backup as the API knows it, projected from backup events (never written by requests).
+
+    `id` is the backup folder's name `<YYYYMMDDTHHMMSSZ>-<8 hex>`; `created_at` is the time in
+    that name (the list order). Events may arrive in any order and more than once: `state` only
+    moves forward (Running → Completed/Failed → Pruned) and figures are filled from whichever
+    event carries them."""
+
+    __tablename__ = "backups"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ref: Mapped[str] = mapped_column(String(255))
+    target: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    cluster_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    policy_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    location_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    pruned_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    plaintext_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    stored_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    plaintext_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    encrypted: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    encryption_key_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    verified: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    etcd_revision: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    etcd_key_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    kubernetes_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    duration_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reason: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_drill: Mapped[dict[str, Any] | None] = mapped_column(JsonType, nullable=True)
+    """{at, passed, reason, message, figures} of the newest drill of this backup."""
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_backups_created_at_id", "created_at", "id"),
+        Index("ix_backups_target_created_at", "target", "created_at"),
+    )

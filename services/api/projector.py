@@ -8,7 +8,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.common.bus import Bus, Consumer, ConsumerSpec, Delivery
 from libs.common.contract import BY_TYPE, EVENTS_STREAM, Envelope, parse_payload
+from libs.common.contract.backup import (
+    BackupCompleted,
+    BackupFailed,
+    BackupStarted,
+    DrillFailed,
+    DrillPassed,
+)
 from libs.common.contract.cluster import ClusterDeleted, ClusterStatusChanged
+from services.api.backups import service as backups
 from services.api.clusters import service as clusters
 
 DURABLE = "api-projector"
@@ -38,6 +46,15 @@ class Projector:
                 await clusters.apply_status(session, payload, delivery.stream_sequence)
             elif isinstance(payload, ClusterDeleted):
                 await clusters.apply_deleted(session, payload)
+            # Backups and their drills (services/api/backups).
+            elif isinstance(payload, BackupStarted):
+                await backups.apply_started(session, payload)
+            elif isinstance(payload, BackupCompleted):
+                await backups.apply_completed(session, payload)
+            elif isinstance(payload, BackupFailed):
+                await backups.apply_failed(session, payload)
+            elif isinstance(payload, DrillPassed | DrillFailed):
+                await backups.apply_drill(session, payload)
 
     def consumer(self, bus: Bus, *, max_deliver: int) -> Consumer:
         spec = ConsumerSpec(

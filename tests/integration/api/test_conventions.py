@@ -50,6 +50,8 @@ REQUIRED_SCOPE = {
     "updateBackupLocation": "admin",
     "deleteBackupLocation": "admin",
     "createBackup": "operator",
+    "listBackups": "viewer",
+    "getBackup": "viewer",
 }
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 

@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,10 @@ class KubeNotConfigured(KubeError):
 
 class KubeUnavailable(KubeError):
     """The API server did not answer usefully (down, overloaded, timing out); retry later."""
+
+
+class WatchExpired(KubeError):
+    """The resourceVersion a watch asked for is too old (410 Gone): list again, then watch."""
 
 
 class KubeRejected(KubeError):
@@ -237,6 +241,92 @@ class KubeClient:
                 return False
             raise
         return True
+
+    async def list_with_version(
+        self, path: str, *, selector: str = ""
+    ) -> tuple[Sequence[dict[str, Any]], str]:
+        """The collection's objects matching `selector` and the list's resourceVersion."""
+        query = [("labelSelector", selector)] if selector else []
+        answer = await self.request("GET", path, query=query) or {}
+        version = str((answer.get("metadata") or {}).get("resourceVersion") or "")
+        items: Sequence[dict[str, Any]] = answer.get("items") or []
+        return items, version
+
+    async def watch(
+        self,
+        path: str,
+        *,
+        selector: str = "",
+        resource_version: str = "",
+        timeout_seconds: int = 300,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The watch events `(type, object)` of the collection at `path` from `resource_version`.
+
+        Ends when the server closes the watch (its timeout); raises `WatchExpired` when the
+        version is too old and `KubeUnavailable` when the server cannot be reached. Bookmarks
+        are passed through (type `BOOKMARK`) so the caller can advance its version.
+        """
+        query = [
+            ("watch", "true"),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(timeout_seconds)),
+        ]
+        if selector:
+            query.append(("labelSelector", selector))
+        if resource_version:
+            query.append(("resourceVersion", resource_version))
+        try:
+            response = await self._api.call_api(
+                path,
+                "GET",
+                query_params=query,
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.retry.timeout, sock_read=timeout_seconds + 30
+                ),
+            )
+        except ApiException as exc:
+            if exc.status == 410:
+                raise WatchExpired(f"watch {path}: {_message(exc)}") from None
+            if exc.status not in _TRANSIENT_STATUSES:
+                raise _rejected("GET", path, exc) from None
+            raise KubeUnavailable(f"{self.server}: watch {path} answered {exc.status}") from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise KubeUnavailable(f"{self.server}: watch {path} failed: {exc}") from None
+        try:
+            while True:
+                try:
+                    line = await response.content.readline()
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    raise KubeUnavailable(f"{self.server}: watch {path} broke: {exc}") from None
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind = str(event.get("type", ""))
+                obj = event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise WatchExpired(f"watch {path}: {obj.get('message', 'expired')}")
+                    raise KubeUnavailable(f"{self.server}: watch {path}: {obj.get('message')}")
+                yield kind, obj
+        finally:
+            response.release()
+
+    async def scale(self, path: str, replicas: int) -> dict[str, Any]:
+        """Set `spec.replicas` of the Deployment or StatefulSet at `path` (its `scale`
+        subresource, a JSON merge patch); raises `KubeRejected` 404 if it does not exist."""
+        answer: dict[str, Any] = await self.request(
+            "PATCH",
+            f"{path}/scale",
+            body={"spec": {"replicas": replicas}},
+            content_type="application/merge-patch+json",
+        )
+        return answer
 
     async def ping(self, path: str = "/version") -> dict[str, Any]:
         """Whether the server answers at all (raises `KubeUnavailable` if not)."""

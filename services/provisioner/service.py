@@ -40,6 +40,7 @@ from libs.common.contract.kubeconfig import (
     KubeconfigIssued,
     KubeconfigRequest,
 )
+from libs.common.contract.restore import RestoreEtcd
 from libs.common.kv import Leases
 from libs.common.logging import correlation_id
 from libs.common.runner import instance_name
@@ -48,7 +49,9 @@ from libs.common.tasks import TaskSet
 from services.provisioner import kube, pki, status
 from services.provisioner.kube import KubeError, KubeNotConfigured
 from services.provisioner.reconciler import Clock, ProvisionerConfig, Reconciler, utcnow
+from services.provisioner.restore import RestoreConfig, Restores, default_image
 from services.provisioner.store import ClusterRecord, ClusterStore, open_leases
+from services.provisioner.watch import ReadinessWatch
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,10 @@ class ProvisionerService:
         self._tasks = TaskSet()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._followers: dict[str, asyncio.Task[None]] = {}
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self.watch = ReadinessWatch(self.reconciler.management.client, self.wake)
+        self.watch_debounce = 0.05
+        """After a watch event, wait this long for the rest of the burst before passing."""
         self._passes = asyncio.Semaphore(settings.reconcile_concurrency)
         self._consumer: Consumer | None = None
         self._rpc: list[Any] = []
@@ -101,6 +108,19 @@ class ProvisionerService:
         self._leases: Leases | None = None
         self._stopping = False
         self.passes = 0
+        self.restores = Restores(
+            RestoreConfig(
+                image=settings.image or default_image(settings.image_registry),
+                poll_seconds=settings.poll_interval_seconds,
+                wait_seconds=settings.restore_wait_seconds,
+            ),
+            store=lambda: self.store,
+            bus=lambda: self.bus,
+            locks=self._locks,
+            client=self.reconciler.management.client,
+            resume=self._after_restore,
+            clock=clock,
+        )
 
     # Lifecycle
 
@@ -138,6 +158,8 @@ class ProvisionerService:
         ]
         await bus.nc.flush()  # the subscription is live on the server before start() returns
         self._tasks.spawn("resync", self._resync_loop())
+        await self.restores.resume_all()
+        self._tasks.spawn("watch", self.watch.run())
 
     async def stop(self, timeout: float) -> None:
         self._stopping = True
@@ -150,6 +172,7 @@ class ProvisionerService:
             task.cancel()
         if self._followers:
             await asyncio.wait(list(self._followers.values()), timeout=2.0)
+        await self.restores.stop()
         try:
             await self._tasks.stop(2.0)
         finally:
@@ -170,6 +193,8 @@ class ProvisionerService:
             await self.on_reconcile(payload)
         elif isinstance(payload, DeleteCluster):
             await self.on_delete(payload)
+        elif isinstance(payload, RestoreEtcd):
+            await self.restores.on_restore(payload)
         else:
             raise Reject(f"{envelope.type} is not a provisioner intent")
 
@@ -233,6 +258,11 @@ class ProvisionerService:
     async def _pass(self, record: ClusterRecord, *, force: bool = False) -> bool:
         """Reconcile `record` once (the caller holds its lock); True when nothing is left."""
         assert record.intent is not None
+        if record.restore is not None:
+            # A restore owns the cluster's objects until it ends (restore.py); it passes the
+            # cluster again then. Make sure it runs (after a crash the resync gets here).
+            self.restores.ensure(record.cluster_id)
+            return True
         before = record.model_dump_json()
         async with self._passes:
             observation = await self.reconciler.reconcile(record.intent, record, force=force)
@@ -263,19 +293,49 @@ class ProvisionerService:
             event.phase == "Failed" and event.reason == "UpgradeRefused"
         )
 
-    def _follow(self, cluster_id: str) -> None:
+    def wake(self, cluster_id: str) -> None:
+        """Something of the cluster changed in the management cluster (a watch event): pass it
+        soon, whether it is being followed or was Ready."""
+        if self._stopping:
+            return
+        event = self._wakeups.get(cluster_id)
+        if event is not None:
+            event.set()
+        elif cluster_id not in self._followers:
+            self._follow(cluster_id, immediate=True)
+
+    async def _after_restore(self, cluster_id: str) -> None:
+        """A restore ended: pass the cluster with forced writes, then follow it to Ready."""
+        async with self._locks[cluster_id]:
+            record = await self.store.get(cluster_id)
+            if record is None or record.intent is None or record.delete_requested:
+                return
+            done = await self._pass(record, force=True)
+        if not done:
+            self._follow(cluster_id)
+
+    def _follow(self, cluster_id: str, *, immediate: bool = False) -> None:
         if self._stopping or cluster_id in self._followers:
             return
+        event = self._wakeups.setdefault(cluster_id, asyncio.Event())
+        if immediate:
+            event.set()
         task = asyncio.create_task(self._follow_up(cluster_id), name=f"follow-{cluster_id}")
         self._followers[cluster_id] = task
 
     async def _follow_up(self, cluster_id: str) -> None:
-        """Pass a cluster again, with growing pauses, until it is Ready or Failed."""
+        """Pass a cluster again until it is Ready or Failed: at once when a watch event says
+        something changed, else after growing pauses (the fallback when watches fail)."""
         delay = self.poll_interval
         longest = max(self.poll_interval, min(self.resync_interval, 30.0))
+        woken = self._wakeups[cluster_id]
         try:
             while not self._stopping:
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), delay)
+                if woken.is_set():
+                    await asyncio.sleep(self.watch_debounce)
+                woken.clear()
                 async with self._locks[cluster_id]:
                     record = await self.store.get(cluster_id)
                     if record is None or record.delete_requested or record.intent is None:
@@ -291,6 +351,7 @@ class ProvisionerService:
         finally:
             if self._followers.get(cluster_id) is asyncio.current_task():
                 del self._followers[cluster_id]
+                self._wakeups.pop(cluster_id, None)
 
     # Resync
 

@@ -13,7 +13,11 @@ around them, and serves resource paths itself with what the provisioner relies o
 - `metadata.uid`, `resourceVersion`, `creationTimestamp`, and `generation` bumped on every
   `spec` change; 409 on POST of an existing object; `labelSelector` (`k=v,...`); PUT;
   `/status` touches only `status`; NodePort allocation with 422 on a taken port;
-- faults: `fail(...)` makes matching requests answer an error status or stall, N times.
+- faults: `fail(...)` makes matching requests answer an error status or stall, N times;
+- watches (`?watch=true`, one namespace or all, with `labelSelector` and `resourceVersion`):
+  every change made through the API, by `touch` or `remove`, and each object a namespace
+  deletion removes, is streamed as a watch event; a `resourceVersion` older than the bounded
+  event history answers an `ERROR` event with code 410 (Expired), as the API server does.
 
 `ReadinessController` plays kwok: it marks Deployments and StatefulSets rolled out and gives
 LoadBalancer Services an ingress hostname, unless paused. `TenantApis` serves every tenant's API
@@ -33,7 +37,7 @@ import re
 import ssl
 import tempfile
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -146,6 +150,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _versions: Any = attrs.field(factory=lambda: itertools.count(1))
     _node_ports: dict[int, tuple[str | None, str]] = attrs.field(factory=dict)
     _pending: set[asyncio.Task[None]] = attrs.field(factory=set)
+    watch_history: int = 2_000
+    _forgotten: int = 0
+    _history: deque[tuple[int, str, str, Obj]] = attrs.field(factory=deque)
+    _watchers: list[_Watch] = attrs.field(factory=list)
 
     # Test helpers
 
@@ -172,11 +180,80 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     def remove(self, resource: str, namespace: str | None, name: str) -> None:
         """Delete behind the client's back (no cascade)."""
-        self.store[resource][namespace].pop(name, None)
+        obj = self.store[resource][namespace].pop(name, None)
+        if obj is not None:
+            self._emit(resource, "DELETED", obj, deleted=True)
 
     def touch(self, resource: str, obj: Obj) -> None:
         """Record a change made by a test controller directly on a stored object."""
         obj["metadata"]["resourceVersion"] = str(next(self._versions))
+        self._emit(resource, "MODIFIED", obj)
+
+    # Watches
+
+    def _emit(self, resource: str, kind: str, obj: Obj, *, deleted: bool = False) -> None:
+        # References, not copies: a watcher is sent the object as it is when the event is sent
+        # (enough for "something changed"; the history stays cheap for the benchmarks).
+        if deleted:
+            obj = {**obj, "metadata": {**obj["metadata"]}}
+            obj["metadata"]["resourceVersion"] = str(next(self._versions))
+        version = int(obj["metadata"]["resourceVersion"])
+        self._history.append((version, resource, kind, obj))
+        while len(self._history) > self.watch_history:
+            self._forgotten = self._history.popleft()[0]
+        for watch in self._watchers:
+            if watch.matches(resource, obj):
+                watch.queue.put_nowait((kind, obj))
+
+    async def _watch(
+        self, raw: aiohttp.web.BaseRequest, route: Route
+    ) -> aiohttp.web.StreamResponse:
+        namespace = None if route.cluster_scoped else route.namespace
+        watch = _Watch(route.resource, namespace, _selector(raw.query.get("labelSelector", "")))
+        since = raw.query.get("resourceVersion", "")
+        backlog: list[tuple[str, Obj]] = []
+        if since in ("", "0"):
+            candidates = (
+                self.items(route.resource)
+                if namespace is None
+                else self.items(route.resource, namespace)
+            )
+            backlog = [("ADDED", obj) for obj in candidates if watch.matches(route.resource, obj)]
+        else:
+            if int(since) < self._forgotten:
+                backlog = [("ERROR", _expired(since))]
+            else:
+                backlog = [
+                    (kind, obj)
+                    for version, resource, kind, obj in self._history
+                    if version > int(since) and watch.matches(resource, obj)
+                ]
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw)
+        timeout = float(raw.query.get("timeoutSeconds", "1800"))
+        self._watchers.append(watch)
+        try:
+            for kind, obj in backlog:
+                await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+            if backlog and backlog[0][0] == "ERROR":
+                return response
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                try:
+                    kind, obj = await asyncio.wait_for(watch.queue.get(), left)
+                except TimeoutError:
+                    break
+                await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+        finally:
+            self._watchers.remove(watch)
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+            await response.write_eof()
+        return response
 
     # Serving
 
@@ -196,6 +273,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if route is None:
             return await super().__call__(raw)
         self.counts[f"{raw.method} {route.resource}"] += 1
+        if raw.method == "GET" and raw.query.get("watch") in ("true", "1", "True"):
+            if route.name is not None:
+                return _status(405, "MethodNotAllowed", "watch a collection, not one object")
+            return await self._watch(raw, route)
         try:
             return aiohttp.web.json_response(await self._serve(raw, route))
         except Problem as problem:
@@ -203,8 +284,6 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def _serve(self, raw: aiohttp.web.BaseRequest, route: Route) -> Obj:
         method = raw.method
-        if method == "GET" and raw.query.get("watch") in ("true", "1", "True"):
-            raise Problem(405, "MethodNotAllowed", "this emulator does not serve watches")
         if route.name is None:
             if method == "GET":
                 return self._list(route, raw.query.get("labelSelector", ""))
@@ -227,19 +306,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return self.store[route.resource][None if route.cluster_scoped else route.namespace]
 
     def _list(self, route: Route, selector: str) -> Obj:
-        wanted = dict(part.split("=", 1) for part in selector.split(",") if part and "=" in part)
+        matches = _selector(selector)
         if route.namespace is None and not route.cluster_scoped:
             candidates = self.items(route.resource)
         else:
             candidates = list(self._bucket(route).values())
-        items = [
-            obj
-            for obj in candidates
-            if all(
-                (obj["metadata"].get("labels") or {}).get(key) == value
-                for key, value in wanted.items()
-            )
-        ]
+        items = [obj for obj in candidates if matches(obj["metadata"].get("labels") or {})]
         return {
             "kind": "List",
             "apiVersion": "v1",
@@ -331,6 +403,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._bucket(route)[str(metadata["name"])] = obj
         for hook in self.hooks:
             hook(route.resource, obj)
+        self._emit(route.resource, "ADDED" if current is None else "MODIFIED", obj)
         return obj
 
     def _allocate_node_ports(self, route: Route, obj: Obj, current: Obj | None) -> None:
@@ -383,6 +456,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 task.add_done_callback(self._pending.discard)
             return obj
         del bucket[str(route.name)]
+        self._emit(route.resource, "DELETED", obj, deleted=True)
         if route.resource == "v1/services":
             owner = (route.namespace, str(route.name))
             for port, used in list(self._node_ports.items()):
@@ -399,11 +473,63 @@ class KubeEmulator(kmock.KubernetesEmulator):
         await asyncio.sleep(self.namespace_finalize_delay)
         for resource, buckets in self.store.items():
             if resource != "v1/namespaces":
-                buckets.pop(name, None)
+                for obj in (buckets.pop(name, None) or {}).values():
+                    self._emit(resource, "DELETED", obj, deleted=True)
         for port, (namespace, _) in list(self._node_ports.items()):
             if namespace == name:
                 del self._node_ports[port]
-        self.store["v1/namespaces"][None].pop(name, None)
+        namespace = self.store["v1/namespaces"][None].pop(name, None)
+        if namespace is not None:
+            self._emit("v1/namespaces", "DELETED", namespace, deleted=True)
+
+
+LabelMatcher = Callable[[dict[str, str]], bool]
+
+
+def _selector(text: str) -> LabelMatcher:
+    """A label selector's equality and existence terms: `k=v`, `k==v`, `k!=v`, `k`, `!k`."""
+    terms: list[LabelMatcher] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "!=" in part:
+            key, value = part.split("!=", 1)
+            terms.append(lambda labels, k=key, v=value: labels.get(k) != v)
+        elif "=" in part:
+            key, value = part.replace("==", "=").split("=", 1)
+            terms.append(lambda labels, k=key, v=value: labels.get(k) == v)
+        elif part.startswith("!"):
+            terms.append(lambda labels, k=part[1:]: k not in labels)
+        else:
+            terms.append(lambda labels, k=part: k in labels)
+    return lambda labels: all(term(labels) for term in terms)
+
+
+@dataclass
+class _Watch:
+    resource: str
+    namespace: str | None
+    selector: LabelMatcher
+    queue: asyncio.Queue[tuple[str, Obj]] = field(default_factory=asyncio.Queue)
+
+    def matches(self, resource: str, obj: Obj) -> bool:
+        metadata = obj.get("metadata", {})
+        return (
+            resource == self.resource
+            and (self.namespace is None or metadata.get("namespace") == self.namespace)
+            and self.selector(metadata.get("labels") or {})
+        )
+
+
+def _expired(since: str) -> Obj:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": 410,
+        "reason": "Expired",
+        "message": f"too old resource version: {since}",
+    }
 
 
 async def _body(raw: aiohttp.web.BaseRequest) -> Obj:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from libs.common.bus import Bus, Consumer, StreamSettings, servers_from_url
+from libs.common.secrets import sealer_from_settings
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
 from services.api import asyncapi, openapi, problems
@@ -20,6 +21,8 @@ from services.api.audit.endpoints import router as audit_router
 from services.api.auth import service as auth
 from services.api.auth.endpoints import router as tokens_router
 from services.api.backup_locations.endpoints import router as backup_locations_router
+from services.api.backup_policies import sync as backup_policies_sync
+from services.api.backup_policies.endpoints import router as backup_policies_router
 from services.api.backups.endpoints import router as backups_router
 from services.api.clusters.endpoints import router as clusters_router
 from services.api.db import create_engine, migrate, session_factory
@@ -36,7 +39,6 @@ from services.api.middleware import (
 from services.api.outbox.relay import OutboxRelay
 from services.api.projector import Projector
 from services.api.ratelimit import RateLimiter
-from libs.common.secrets import sealer_from_settings
 from services.api.webhooks.delivery import DeliveryWorker
 from services.api.webhooks.endpoints import router as webhooks_router
 
@@ -106,6 +108,8 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.sessions, settings.data_dir, settings.admin_token
         )
         app.state.sealer = sealer_from_settings(settings)
+        # The backup service's copy of locations and policies converges even if it was lost.
+        await backup_policies_sync.restage_all(app.state.sessions)
         app.state.bus = Bus(servers_from_url(settings.nats_url or ""), name="nest-api")
         app.state.relay = OutboxRelay(app.state.sessions, app.state.bus)
         app.state.tasks = TaskSet()
@@ -166,6 +170,7 @@ def create_app(settings: Settings) -> FastAPI:
     api.include_router(webhooks_router)
     api.include_router(audit_router)
     api.include_router(backup_locations_router)
+    api.include_router(backup_policies_router)
     api.include_router(backups_router)
     app.include_router(api)
     openapi.install(app)

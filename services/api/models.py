@@ -321,3 +321,27 @@ class Backup(Base):
         Index("ix_backups_created_at_id", "created_at", "id"),
         Index("ix_backups_target_created_at", "target", "created_at"),
     )
+
+
+class BackupPolicy(Base):
+    """When, what, where to and how long to back up (the backup service schedules from a copy)."""
+
+    __tablename__ = "backup_policies"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    labels: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    spec: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    """The wire spec (libs.common.contract.backup_policy.BackupPolicySpec)."""
+    location_id: Mapped[str] = mapped_column(String(36), ForeignKey("backup_locations.id"))
+    """= spec.locationId; the foreign key refuses deleting a location a policy uses."""
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    """Bumped by every write of labels or spec: the ETag."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        Index("ix_backup_policies_created_at_id", "created_at", "id"),
+        Index("ix_backup_policies_location_id", "location_id"),
+    )

@@ -10,10 +10,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from libs.common.contract.backup_location import BackupLocationSpec
+from libs.common.cron import CronError, CronSchedule
 from libs.common.settings import Settings
 from services.backup import crypto
 from services.backup.retention import RetentionPolicy
-from services.backup.schedule import CronError, CronSchedule
 from services.backup.store import LocalStore, ObjectStore, S3Config, S3Store
 
 

@@ -39,6 +39,7 @@ from libs.common.contract.backup_location import (
     ProbeErrorKind,
     ProbeLocationRequest,
 )
+from libs.common.cron import CronError, CronSchedule, latest_due, plan_run
 from libs.common.kv import Leases
 from libs.common.runner import instance_name
 from libs.common.settings import Settings
@@ -47,7 +48,6 @@ from services.backup import config, errors
 from services.backup.access import rpc_etcd_access
 from services.backup.layout import new_ref
 from services.backup.runs import BackupContext, EtcdAccess, RunRequest, run_backup
-from services.backup.schedule import CronError, CronSchedule, latest_due, plan_run
 from services.backup.state import ScheduleRecord, Schedules, open_leases
 from services.backup.store import probe
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Self
 
 from pydantic import Field, model_validator
+from pydantic.alias_generators import to_camel
 
 from libs.common.contract.backup_location import BackupLocationSpec
 from libs.common.contract.base import WireModel
@@ -102,10 +103,32 @@ class DeleteBackupPolicy(WireModel):
     generation: int = Field(ge=1)
 
 
+class SealedLocationSpec(BackupLocationSpec):
+    """A location spec as it travels sealed: the same fields, with `secretAccessKey` absent (its
+    sealed form is beside it). Every other rule of `BackupLocationSpec` applies."""
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> Self:
+        if self.secret_access_key is not None:
+            raise ValueError("secretAccessKey travels sealed, never in the spec")
+        if self.kind == "s3":
+            for name in ("bucket", "access_key_id"):
+                if not getattr(self, name):
+                    raise ValueError(f"{to_camel(name)} is required for an s3 location")
+            if self.path is not None:
+                raise ValueError("path is only for a local location")
+        else:
+            if not self.path or not self.path.startswith("/"):
+                raise ValueError("path must be an absolute directory for a local location")
+            if any(getattr(self, name) for name in ("endpoint_url", "bucket", "access_key_id")):
+                raise ValueError("endpointUrl, bucket and credentials are only for s3")
+        return self
+
+
 class SealedBackupLocation(WireModel):
     """A location spec whose secret access key is replaced by its sealed form."""
 
-    spec: BackupLocationSpec
+    spec: SealedLocationSpec
     """`secretAccessKey` is always None here."""
     sealed_secret_access_key: str | None = None
     """`libs.common.secrets.Sealer.seal(secret, context=f"backup-location:{id}")`."""

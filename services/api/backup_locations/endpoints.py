@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Request, Response, status
 
 from libs.common.bus import Bus
+from libs.common.secrets import Sealer
 from services.api.auth.dependencies import AdminDep
 from services.api.backup_locations import service
 from services.api.backup_locations.schemas import (
@@ -18,7 +19,6 @@ from services.api.db import SessionDep
 from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
 from services.api.problems import Problem
 from services.api.responses import ModelResponse
-from libs.common.secrets import Sealer
 
 router = APIRouter(prefix="/backup-locations", tags=["backups"])
 

@@ -11,8 +11,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common.bus import Bus
+from libs.common.contract import envelope_for
 from libs.common.contract.backup_location import BackupLocationSpec
+from libs.common.contract.backup_policy import (
+    ApplyBackupLocation,
+    DeleteBackupLocation,
+    SealedBackupLocation,
+    SealedLocationSpec,
+)
 from libs.common.contract.cluster import validate_labels
+from libs.common.logging import correlation_id
+from libs.common.secrets import Sealer
 from services.api.backup_locations import probe, repository
 from services.api.backup_locations.schemas import (
     BackupLocationCreate,
@@ -20,12 +29,13 @@ from services.api.backup_locations.schemas import (
     BackupLocationRead,
     BackupLocationSpecRead,
 )
+from services.api.backup_policies import service as policies
 from services.api.merge_patch import merge_patch
 from services.api.models import BackupLocation, utcnow
+from services.api.outbox import repository as outbox
 from services.api.pagination import Cursor, Page
 from services.api.problems import Conflict, FieldError, InvalidInput, NotFound
 from services.api.problems import invalid_from_validation as _invalid
-from libs.common.secrets import Sealer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,30 @@ def full_spec(row: BackupLocation, sealer: Sealer) -> BackupLocationSpec:
     if row.sealed_secret is not None:
         spec[SECRET_FIELD] = sealer.open(row.sealed_secret, context=_context(row.id))
     return BackupLocationSpec.model_validate(spec)
+
+
+def _stage(session: AsyncSession, payload: ApplyBackupLocation | DeleteBackupLocation) -> None:
+    subject, envelope = envelope_for(
+        payload, source="api", subject=payload.location_id, correlation_id=correlation_id.get()
+    )
+    outbox.add(session, subject, envelope)
+
+
+def stage_apply(session: AsyncSession, row: BackupLocation) -> None:
+    """Stage the location for the backup service: the spec without the secret, which travels
+    sealed exactly as stored (never in clear on the bus)."""
+    _stage(
+        session,
+        ApplyBackupLocation(
+            location_id=row.id,
+            name=row.name,
+            generation=row.generation,
+            location=SealedBackupLocation(
+                spec=SealedLocationSpec.model_validate(row.spec),
+                sealed_secret_access_key=row.sealed_secret,
+            ),
+        ),
+    )
 
 
 async def _commit(session: AsyncSession, name: str) -> None:
@@ -102,6 +136,8 @@ async def create(
         updated_at=now,
     )
     repository.add(session, row)
+    stage_apply(session, row)
+    await policies.add_default_if_none(session, location_id)
     await _commit(session, body.name)
     log.info("backup location created", extra={"locationId": row.id, "location": row.name})
     return to_read(row)
@@ -163,6 +199,7 @@ async def patch(
             row.spec = _stored_spec(spec)
             row.sealed_secret = sealer.seal(secret, context=_context(row.id)) if secret else None
             row.generation += 1
+            stage_apply(session, row)
             changed = True
     if changed:
         row.updated_at = utcnow()
@@ -172,6 +209,18 @@ async def patch(
 
 
 async def delete(session: AsyncSession, location_id: str) -> None:
-    await _require(session, location_id)
+    row = await _require(session, location_id)
+    users = await policies.names_using_location(session, location_id)
+    if users:
+        raise Conflict(
+            f"backup location {row.name!r} is used by backup "
+            f"{'policy' if len(users) == 1 else 'policies'} {', '.join(map(repr, users))}; "
+            "point them elsewhere or delete them first"
+        )
+    _stage(session, DeleteBackupLocation(location_id=row.id, generation=row.generation))
     await repository.remove(session, location_id)
-    await session.commit()
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        raise Conflict(f"backup location {row.name!r} was just given to a backup policy") from None

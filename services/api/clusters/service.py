@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common.contract import envelope_for
 from libs.common.contract.cluster import (
+    ClusterDeclared,
     ClusterDeleted,
     ClusterSpec,
     ClusterStatusChanged,
@@ -113,6 +114,22 @@ def _stage_reconcile(session: AsyncSession, cluster: Cluster) -> None:
     outbox.add(session, subject, envelope)
 
 
+def _stage_declared(session: AsyncSession, cluster: Cluster) -> None:
+    """The ClusterDeclared event (the backup service follows the set of clusters from it)."""
+    event = ClusterDeclared(
+        cluster_id=cluster.id,
+        name=cluster.name,
+        generation=cluster.generation,
+        kubernetes_version=str(cluster.spec.get("kubernetesVersion", "")),
+        labels=dict(cluster.labels),
+        deletion_requested=cluster.deletion_requested_at is not None,
+    )
+    subject, envelope = envelope_for(
+        event, source=SOURCE, subject=cluster.id, correlation_id=correlation_id.get()
+    )
+    outbox.add(session, subject, envelope)
+
+
 async def _commit(session: AsyncSession, name: str) -> None:
     try:
         await session.commit()
@@ -144,6 +161,7 @@ async def create(session: AsyncSession, body: ClusterCreate, notify: Notify) -> 
     )
     repository.add(session, cluster)
     _stage_reconcile(session, cluster)
+    _stage_declared(session, cluster)
     await _commit(session, body.name)
     notify()
     log.info("cluster created", extra={"clusterId": cluster.id, "cluster": cluster.name})
@@ -236,6 +254,7 @@ async def patch(
         if new_spec != cluster.spec:
             cluster.spec = new_spec
             cluster.generation += 1
+            _stage_declared(session, cluster)
             changed = True
     if not changed:
         return to_read(cluster)
@@ -289,6 +308,7 @@ async def delete(
         intent, source=SOURCE, subject=cluster.id, correlation_id=correlation_id.get()
     )
     outbox.add(session, subject, envelope)
+    _stage_declared(session, cluster)
     await session.commit()
     notify()
     return to_read(cluster)

@@ -9,7 +9,7 @@ from croniter import croniter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.backup.schedule import CronError, CronSchedule, latest_due, plan_run
+from libs.common.cron import CronError, CronSchedule, latest_due, plan_run
 
 T0 = datetime(2026, 11, 21, 12, 34, 56, tzinfo=UTC)  # a Saturday
 

@@ -1,4 +1,7 @@
-"""Backup schedules: a small, exact 5-field cron parser and the run plan, as pure functions.
+"""Schedules: a small, exact 5-field cron parser and the run plan, as pure functions.
+
+Shared by the API (which validates the schedules users write) and the backup service (which
+runs them); nothing here touches I/O.
 
 Syntax (Vixie cron): `minute hour day-of-month month day-of-week`, each field a comma list of
 `*`, `N`, `N-M`, with an optional `/step`; month and weekday names (`jan`, `mon`); weekday 0 or 7
@@ -12,6 +15,7 @@ while Nest was down, exactly one catch-up run happens at the next start.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -174,10 +178,47 @@ class CronSchedule:
                 candidate = (candidate + timedelta(hours=1)).replace(minute=0)
                 continue
             if candidate.minute not in self.minutes:
-                candidate += timedelta(minutes=1)
+                later = [m for m in self.minutes if m > candidate.minute]
+                if later:
+                    candidate = candidate.replace(minute=min(later))
+                else:
+                    candidate = (candidate + timedelta(hours=1)).replace(minute=0)
                 continue
             return candidate
         raise CronError(self.expression, None, f"never fires within {SEARCH_YEARS} years")
+
+    def longest_interval(self) -> timedelta:
+        """The longest time between two consecutive firings (see `longest_interval`)."""
+        return longest_interval(self.expression)
+
+
+INTERVAL_ANCHOR = datetime(2024, 1, 1, tzinfo=UTC)
+"""Where `longest_interval` starts looking: a fixed leap year, so the answer never depends on
+when it is asked."""
+INTERVAL_HORIZON = timedelta(days=2 * 366)
+INTERVAL_MAX_FIRINGS = 50_000
+
+
+@functools.lru_cache(maxsize=256)
+def longest_interval(expression: str) -> timedelta:
+    """The longest gap between consecutive firings of `expression`.
+
+    Every firing over two years from a fixed leap-year anchor is walked (up to 50,000
+    firings: a schedule that fires that often has its longest gap well inside the window), and
+    at least two firings always, so `0 0 29 2 *` gives its four years. Two years cover every
+    month length, leap day and weekday combination a 5-field cron can distinguish except the
+    century rule, which no backup policy will notice.
+    """
+    schedule = CronSchedule.parse(expression)
+    previous = schedule.next_after(INTERVAL_ANCHOR)
+    longest = timedelta(0)
+    for _ in range(INTERVAL_MAX_FIRINGS):
+        following = schedule.next_after(previous)
+        longest = max(longest, following - previous)
+        if following - INTERVAL_ANCHOR >= INTERVAL_HORIZON:
+            break
+        previous = following
+    return longest
 
 
 @dataclass(frozen=True)

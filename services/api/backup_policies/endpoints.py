@@ -1,0 +1,188 @@
+"""HTTP routes for /api/v1/backup-policies: read for viewers, write for admins."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Path, Request, Response, status
+
+from services.api.auth.dependencies import AdminDep, ViewerDep
+from services.api.backup_policies import service
+from services.api.backup_policies.schemas import (
+    BackupPolicyCreate,
+    BackupPolicyPatch,
+    BackupPolicyRead,
+)
+from services.api.db import SessionDep
+from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
+from services.api.problems import Problem
+from services.api.responses import ModelResponse
+
+router = APIRouter(prefix="/backup-policies", tags=["backups"])
+
+PolicyId = Annotated[str, Path(description="The backup policy's id.", max_length=64)]
+IfMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        max_length=1024,
+        description="Apply only if the policy's ETag is one of these (or `*`); else 412.",
+    ),
+]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No valid token."},
+    403: {"model": Problem, "description": "The token's scope is too low."},
+    404: {"model": Problem, "description": "No such backup policy."},
+    422: {
+        "model": Problem,
+        "description": "Invalid input; `errors` names each field (e.g. `spec.schedule`, "
+        "`spec.locationId`, `spec.targets.clusterIds.0`).",
+    },
+}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    412: {"model": Problem, "description": "If-Match did not match the current ETag."},
+}
+
+
+def _notify(request: Request) -> service.Notify:
+    relay = request.app.state.relay
+    return relay.notify  # type: ignore[no-any-return]
+
+
+NotifyDep = Annotated[service.Notify, Depends(_notify)]
+
+
+def _policy_response(policy: BackupPolicyRead, status_code: int = 200) -> ModelResponse:
+    headers = {"ETag": service.etag(policy.resource_version)}
+    if status_code == status.HTTP_201_CREATED:
+        headers["Location"] = f"/api/v1/backup-policies/{policy.id}"
+    return ModelResponse(policy, status_code, headers=headers)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=BackupPolicyRead,
+    operation_id="createBackupPolicy",
+    summary="Create a backup policy",
+    responses={
+        **{k: v for k, v in ERRORS.items() if k != 404},
+        409: {"model": Problem, "description": "The name is taken."},
+    },
+)
+async def create_backup_policy(
+    body: Annotated[
+        BackupPolicyCreate,
+        Body(
+            openapi_examples={
+                "nightly": {
+                    "summary": "Every cluster nightly, encrypted, 30 days",
+                    "value": {
+                        "name": "nightly",
+                        "spec": {
+                            "schedule": "0 2 * * *",
+                            "targets": {"allClusters": True},
+                            "locationId": "<backup location id>",
+                            "retention": {"keepDays": 30},
+                            "encrypted": True,
+                        },
+                    },
+                }
+            }
+        ),
+    ],
+    session: SessionDep,
+    notify: NotifyDep,
+    admin: AdminDep,
+) -> ModelResponse:
+    """Back up the targets on the cron schedule (UTC) to the location, keeping what retention
+    says; the backup service schedules from it at once. An event reports a target that has no
+    successful backup within the RPO (`rpoMinutes`, default twice the longest gap between two
+    firings), and restore drills run on `drillSchedule`."""
+    return _policy_response(await service.create(session, body, notify), status.HTTP_201_CREATED)
+
+
+@router.get(
+    "",
+    response_model=Page[BackupPolicyRead],
+    operation_id="listBackupPolicies",
+    summary="List backup policies",
+    responses={k: v for k, v in ERRORS.items() if k != 404},
+)
+async def list_backup_policies(
+    request: Request,
+    session: SessionDep,
+    viewer: ViewerDep,
+    limit: LimitQuery = 100,
+    cursor: CursorQuery = None,
+) -> ModelResponse:
+    """Backup policies in creation order, a page at a time; `next` (and the Link header)
+    continue."""
+    page = await service.list_policies(session, limit=limit, cursor=cursor)
+    return ModelResponse(page, headers=link_header(request, page.next))
+
+
+@router.get(
+    "/{policy_id}",
+    response_model=BackupPolicyRead,
+    operation_id="getBackupPolicy",
+    summary="Get a backup policy",
+    responses=ERRORS,
+)
+async def get_backup_policy(
+    policy_id: PolicyId, session: SessionDep, viewer: ViewerDep
+) -> ModelResponse:
+    """One backup policy; the ETag header is its `resourceVersion`."""
+    return _policy_response(await service.get(session, policy_id))
+
+
+@router.patch(
+    "/{policy_id}",
+    response_model=BackupPolicyRead,
+    operation_id="updateBackupPolicy",
+    summary="Change a backup policy (JSON merge patch)",
+    responses=WRITE_ERRORS,
+)
+async def patch_backup_policy(
+    policy_id: PolicyId,
+    body: Annotated[
+        BackupPolicyPatch,
+        Body(
+            media_type="application/merge-patch+json",
+            openapi_examples={
+                "schedule": {
+                    "summary": "Every six hours",
+                    "value": {"spec": {"schedule": "0 */6 * * *"}},
+                },
+                "noDrills": {"summary": "Stop drills", "value": {"spec": {"drillSchedule": None}}},
+            },
+        ),
+    ],
+    session: SessionDep,
+    notify: NotifyDep,
+    admin: AdminDep,
+    if_match: IfMatch = None,
+) -> ModelResponse:
+    """Merge `labels` and `spec` into the policy; a spec change bumps `generation` and reaches
+    the backup service's schedules."""
+    return _policy_response(await service.patch(session, policy_id, body, notify, if_match))
+
+
+@router.delete(
+    "/{policy_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="deleteBackupPolicy",
+    summary="Delete a backup policy",
+    responses=WRITE_ERRORS,
+)
+async def delete_backup_policy(
+    policy_id: PolicyId,
+    session: SessionDep,
+    notify: NotifyDep,
+    admin: AdminDep,
+    if_match: IfMatch = None,
+) -> Response:
+    """Stop scheduling the policy's backups; backups already stored stay where they are."""
+    await service.delete(session, policy_id, notify, if_match)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.client import ApiClient, ApiError, save_token
+from cli.restore import app as restore_app
 from libs.common.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ clusters_app = typer.Typer(help="Manage clusters.", no_args_is_help=True)
 app.add_typer(clusters_app, name="clusters")
 token_app = typer.Typer(help="Manage API tokens (admin).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+app.add_typer(restore_app, name="restore")
 
 console = Console()
 errors = Console(stderr=True)

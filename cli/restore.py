@@ -1,0 +1,241 @@
+"""`nest restore`: bring data back from backups. `nest restore foundry` restores the Foundry DB
+on a fresh (or stopped) appliance; the work is in services/backup/foundry_restore.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from datetime import UTC
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from libs.common.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from services.backup import crypto
+    from services.backup.manifest import Manifest
+    from services.backup.store import ObjectStore
+
+SECRET_ENV = "NEST_RESTORE_SECRET_ACCESS_KEY"
+
+app = typer.Typer(help="Restore from backups.", no_args_is_help=True)
+# The backup modules (aioboto3 and friends) are imported by the command itself, so that every
+# other `nest` command starts as fast as before.
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    errors.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def backups_table(manifests: list[Manifest], chosen: Manifest | None) -> Table:
+    from services.backup import foundry_restore as domain
+
+    table = Table(title="Foundry DB backups")
+    for column in ("ID", "TIME (UTC)", "SIZE", "ENGINE", "ENCRYPTED", "VERIFIED", ""):
+        table.add_column(column, no_wrap=column in ("ID", "TIME (UTC)", "SIZE"))
+    for manifest in reversed(manifests):
+        table.add_row(
+            domain.backup_id(manifest),
+            manifest.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            _size(manifest.stored_size),
+            manifest.kind,
+            f"yes ({manifest.encryption.key_id})" if manifest.encryption else "no",
+            "yes" if manifest.verified_at else "no",
+            "← default" if chosen is manifest else "",
+        )
+    return table
+
+
+def _secret(location: str) -> str:
+    from services.backup import foundry_restore as domain
+
+    if not domain.is_s3(location):
+        return ""
+    secret = os.environ.get(SECRET_ENV)
+    if secret:
+        return secret
+    if not sys.stdin.isatty():
+        raise _fail(f"the S3 secret access key: set {SECRET_ENV} (no terminal to prompt on)")
+    value: str = typer.prompt("S3 secret access key", hide_input=True)
+    return value
+
+
+@app.command("foundry")
+def foundry(
+    location: Annotated[
+        str,
+        typer.Option(
+            "--location", help="Where the backups are: an absolute directory or s3://bucket/prefix."
+        ),
+    ],
+    endpoint_url: Annotated[
+        str | None, typer.Option("--endpoint-url", help="S3 endpoint (default: AWS).")
+    ] = None,
+    region: Annotated[str, typer.Option("--region", help="S3 signing region.")] = "us-east-1",
+    path_style: Annotated[
+        bool,
+        typer.Option("--path-style/--no-path-style", help="Address the bucket in the path."),
+    ] = True,
+    access_key_id: Annotated[
+        str | None,
+        typer.Option(
+            "--access-key-id", help=f"S3 access key id; the secret comes from {SECRET_ENV}."
+        ),
+    ] = None,
+    backup: Annotated[
+        str | None,
+        typer.Option("--backup", help="The backup's id (default: the newest verified one)."),
+    ] = None,
+    list_only: Annotated[
+        bool, typer.Option("--list", help="List the Foundry backups there and stop.")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace a database that already holds clusters or tokens."),
+    ] = False,
+) -> None:
+    """Restore the Foundry DB from a backup (for a lost appliance), then start with `nest up`.
+
+    The backup is downloaded and checked (sha256 of the stored bytes and of the plaintext,
+    decryption with NEST_BACKUP_ENCRYPTION_KEYS) before the database named by the settings
+    (NEST_DATABASE_URL, or SQLite in NEST_DATA_DIR) is replaced. Nest must be stopped. Keep the
+    same NEST_SECRETS_KEY (or secrets.key file), or stored S3 secrets become unreadable.
+    """
+    from services.backup import foundry_restore as domain
+    from services.backup.config import BackupConfigError, keyring_from_settings
+
+    settings = _settings()
+    s3 = None
+    if domain.is_s3(location):
+        s3 = domain.S3Access(
+            access_key_id=access_key_id or "",
+            secret_access_key=_secret(location) if access_key_id else "",
+            endpoint_url=endpoint_url,
+            region=region,
+            path_style=path_style,
+            verify=str(settings.backup_s3_ca_bundle) if settings.backup_s3_ca_bundle else True,
+        )
+    try:
+        keyring = keyring_from_settings(settings)
+    except BackupConfigError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        store = domain.open_location(location, s3)
+    except domain.FoundryRestoreError as exc:
+        raise _fail(str(exc)) from None
+    code = asyncio.run(_foundry(settings, store, keyring, backup, list_only, force))
+    if code:
+        raise typer.Exit(code)
+
+
+async def _foundry(
+    settings: Settings,
+    store: ObjectStore,
+    ring: crypto.Keyring | None,
+    backup: str | None,
+    list_only: bool,
+    force: bool,
+) -> int:
+    from services.backup import foundry_restore as domain
+
+    try:
+        manifests = await domain.foundry_backups(store)
+        if list_only:
+            if not manifests:
+                console.print(f"No complete Foundry backups in {store.description}.")
+                return 0
+            default = None
+            with contextlib.suppress(domain.FoundryRestoreError):
+                default = domain.choose(manifests, None)
+            console.print(backups_table(manifests, default))
+            return 0
+        manifest = domain.choose(manifests, backup)
+        database_url = settings.resolved_database_url
+        held = await domain.preflight(
+            manifest,
+            database_url,
+            ring,
+            data_dir=settings.data_dir,
+            api_url=settings.api_url,
+            force=force,
+        )
+        console.print(
+            f"Restoring Foundry backup [bold]{domain.backup_id(manifest)}[/bold] "
+            f"({manifest.kind}, {_size(manifest.plaintext_size)}) from {store.description}",
+            highlight=False,
+        )
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            task = progress.add_task("download + verify", total=manifest.plaintext_size)
+            await domain.restore(
+                store,
+                manifest,
+                database_url,
+                ring,
+                scratch_dir=settings.data_dir,
+                pg_bin_dir=settings.backup_pg_bin_dir,
+                replace=bool(held),
+                progress=lambda count: progress.advance(task, count),
+            )
+            progress.update(task, description="restored")
+    except domain.FoundryRestoreError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
+    finally:
+        await store.close()
+    console.print(
+        f"[green]Foundry DB restored[/green] from {domain.backup_id(manifest)} into "
+        f"{_where(database_url)}. Start Nest with `nest up`.",
+        highlight=False,
+    )
+    return 0
+
+
+def _where(database_url: str) -> str:
+    from services.backup.database import PostgresTarget
+    from services.backup.runs import sqlite_path
+
+    path = sqlite_path(database_url)
+    if path is not None:
+        return str(path)
+    target = PostgresTarget.from_url(database_url)
+    return f"PostgreSQL database {target.database!r}"

@@ -30,6 +30,7 @@ from libs.common.contract.backup import (
 )
 from libs.common.logging import correlation_id
 from services.api.backup_locations import repository as locations
+from services.api.backup_policies import repository as policies
 from services.api.backups import repository
 from services.api.backups.schemas import BackupAccepted, BackupRead, BackupRequest, DrillResult
 from services.api.clusters import repository as clusters
@@ -55,9 +56,8 @@ def _invalid(field: str, message: str) -> InvalidInput:
 
 
 async def _check_policy(session: AsyncSession, policy_id: str) -> None:
-    """Backup policies are a resource of their own (services/api/backup_policies); until that
-    table exists no policy id can be valid, so one is refused rather than ignored."""
-    raise _invalid("policyId", f"backup policy {policy_id!r} does not exist")
+    if await policies.get(session, policy_id) is None:
+        raise _invalid("policyId", f"backup policy {policy_id!r} does not exist")
 
 
 async def request_backup(

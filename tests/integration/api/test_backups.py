@@ -327,7 +327,7 @@ async def backup_intents(bus: Bus, count: int, timeout: float = 5.0) -> list[Env
 
 class TestRequest:
     @pytest.mark.usefixtures("responder")
-    async def test_location_goes_into_the_intent(
+    async def test_location_or_policy_goes_into_the_intent(
         self, api: httpx.AsyncClient, bus: Bus, tmp_path: Path
     ) -> None:
         location = await api.post(
@@ -342,6 +342,14 @@ class TestRequest:
         (envelope,) = await backup_intents(bus, 1)
         assert envelope.data["locationId"] == location_id
         assert envelope.data.get("policyId") is None
+
+        # The first location made a default policy: a run under it names the policy.
+        (policy,) = (await api.get("/api/v1/backup-policies")).json()["items"]
+        response = await api.post(URL, json={"target": "foundry", "policyId": policy["id"]})
+        assert response.status_code == 202, response.text
+        (envelope,) = await backup_intents(bus, 1)
+        assert envelope.data["policyId"] == policy["id"]
+        assert envelope.data.get("locationId") is None
 
     async def test_unknown_policy_or_location_or_both_are_refused_naming_the_field(
         self, api: httpx.AsyncClient, bus: Bus

@@ -7,7 +7,9 @@ each request. `KubeEmulator` keeps kmock's server, discovery endpoints and reque
 around them, and serves resource paths itself with what the provisioner relies on:
 
 - server-side apply (`application/apply-patch+yaml`) creates a missing object, else merges
-  (maps merged, lists replaced, `status` left alone), as the field manager's view would;
+  (maps merged, lists replaced, `status` left alone), and keeps each field manager's last
+  applied configuration: a field a manager stops applying is removed unless another manager
+  applies it (lists are atomic: owned whole);
 - namespaces: objects may only be created in an existing, non-terminating namespace; deleting
   a namespace makes it `Terminating`, then removes everything in it, then the namespace;
 - `metadata.uid`, `resourceVersion`, `creationTimestamp`, and `generation` bumped on every
@@ -114,6 +116,34 @@ def merge(target: Any, patch: Any, *, nulls_delete: bool) -> Any:
     return result
 
 
+def _leaf_paths(obj: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths to the values of nested maps; a list is one value (atomic, as Nest applies them)."""
+    if not isinstance(obj, dict) or (prefix and not obj):
+        return [prefix] if prefix else []
+    paths: list[tuple[str, ...]] = []
+    for key, value in obj.items():
+        paths.extend(_leaf_paths(value, (*prefix, key)))
+    return paths
+
+
+def _remove_path(obj: Obj, path: tuple[str, ...]) -> None:
+    """Remove the value at `path` and the maps it leaves empty."""
+    parents: list[Obj] = []
+    node: Any = obj
+    for key in path[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+            return
+        parents.append(node)
+        node = node[key]
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+    for parent, key in zip(reversed(parents), reversed(path[:-1]), strict=True):
+        if parent[key] == {}:
+            del parent[key]
+        else:
+            break
+
+
 @dataclass
 class Fault:
     """Requests matching `method` and `path` (a regex searched in the path) fail `times` times."""
@@ -152,6 +182,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _pending: set[asyncio.Task[None]] = attrs.field(factory=set)
     watch_history: int = 2_000
     _forgotten: int = 0
+    _applied: defaultdict[tuple[str, str | None, str], dict[str, Obj]] = attrs.field(
+        factory=lambda: defaultdict(dict)
+    )
+    """(resource, namespace, name) -> field manager -> the configuration it last applied."""
     _history: deque[tuple[int, str, str, Obj]] = attrs.field(factory=deque)
     _watchers: list[_Watch] = attrs.field(factory=list)
 
@@ -299,7 +333,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if method == "PATCH":
             content_type = raw.headers.get("Content-Type", "")
             mode = "apply" if "apply-patch" in content_type else "merge"
-            return self._write(route, await _body(raw), mode=mode)
+            manager = raw.query.get("fieldManager", "")
+            return self._write(route, await _body(raw), mode=mode, manager=manager)
         raise Problem(405, "MethodNotAllowed", method)
 
     def _bucket(self, route: Route) -> dict[str, Obj]:
@@ -349,7 +384,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self._check_namespace(route)
         return self._store(route, None, body)
 
-    def _write(self, route: Route, body: Obj, *, mode: str) -> Obj:
+    def _write(self, route: Route, body: Obj, *, mode: str, manager: str = "") -> Obj:
         bucket = self._bucket(route)
         current = bucket.get(str(route.name))
         if route.subresource == "status":
@@ -360,17 +395,35 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 current.get("status", {}), body.get("status", {}), nulls_delete=True
             )
             return self._store(route, current, updated, spec_change=False)
+        owners = self._applied[(route.resource, route.namespace, str(route.name))]
         if current is None:
             if mode != "apply":
                 raise _not_found(route)
             self._check_namespace(route)
+            owners.clear()
+            owners[manager] = copy.deepcopy(body)
             return self._store(route, None, body)
         if mode == "replace":
             updated = copy.deepcopy(body)
             updated["status"] = current.get("status", {})
         else:
             patch = {key: value for key, value in body.items() if key != "status"}
-            updated = merge(current, patch, nulls_delete=mode == "merge")
+            base = current
+            if mode == "apply":
+                # Field ownership as server-side apply keeps it: a field this manager applied
+                # before and no longer applies is removed, unless another manager applies it.
+                previous = owners.get(manager)
+                if previous is not None:
+                    kept = set(_leaf_paths(patch))
+                    for other, applied in owners.items():
+                        if other != manager:
+                            kept |= set(_leaf_paths(applied))
+                    base = copy.deepcopy(current)
+                    for path in _leaf_paths(previous):
+                        if path not in kept and path[0] not in ("status", "apiVersion", "kind"):
+                            _remove_path(base, path)
+                owners[manager] = copy.deepcopy(patch)
+            updated = merge(base, patch, nulls_delete=mode == "merge")
         return self._store(route, current, updated)
 
     def _store(
@@ -456,6 +509,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 task.add_done_callback(self._pending.discard)
             return obj
         del bucket[str(route.name)]
+        self._applied.pop((route.resource, route.namespace, str(route.name)), None)
         self._emit(route.resource, "DELETED", obj, deleted=True)
         if route.resource == "v1/services":
             owner = (route.namespace, str(route.name))
@@ -478,9 +532,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         for port, (namespace, _) in list(self._node_ports.items()):
             if namespace == name:
                 del self._node_ports[port]
-        namespace = self.store["v1/namespaces"][None].pop(name, None)
-        if namespace is not None:
-            self._emit("v1/namespaces", "DELETED", namespace, deleted=True)
+        gone = self.store["v1/namespaces"][None].pop(name, None)
+        if gone is not None:
+            self._emit("v1/namespaces", "DELETED", gone, deleted=True)
 
 
 LabelMatcher = Callable[[dict[str, str]], bool]
@@ -631,7 +685,13 @@ class TenantApis:
     down: set[str] = field(default_factory=set)
     """Namespaces whose tenant API refuses to answer (503)."""
     port: int = 0
+    node_address: str | None = None
+    """Also serve each NodePort cluster's API on `<node_address>:<its nodePort>` (a loopback
+    address), as kube-proxy would on a node, once its `kube-apiserver` Service has a port."""
     _contexts: dict[bytes, ssl.SSLContext] = field(default_factory=dict)
+    _node_sites: dict[int, aiohttp.web.TCPSite | None] = field(default_factory=dict)
+    _runners: list[aiohttp.web.ServerRunner] = field(default_factory=list)
+    _starting: set[asyncio.Task[None]] = field(default_factory=set)
 
     def emulator(self, namespace: str) -> KubeEmulator:
         if namespace not in self.emulators:
@@ -673,9 +733,50 @@ class TenantApis:
             return _status(503, "ServiceUnavailable", "the tenant API is down")
         return await self.emulator(namespace)(raw)
 
+    def _on_service(self, resource: str, obj: Obj) -> None:
+        if self.node_address is None or resource != "v1/services":
+            return
+        spec = obj.get("spec", {})
+        if spec.get("type") != "NodePort" or obj["metadata"]["name"] != "kube-apiserver":
+            return
+        for port in spec.get("ports", []):
+            number = port.get("nodePort")
+            if number and int(number) not in self._node_sites:
+                self._node_sites[int(number)] = None
+                task = asyncio.get_running_loop().create_task(
+                    self._serve_node_port(obj["metadata"]["namespace"], int(number))
+                )
+                self._starting.add(task)
+                task.add_done_callback(self._starting.discard)
+
+    async def _serve_node_port(self, namespace: str, number: int) -> None:
+        """One cluster's API on `<node_address>:<number>` (no SNI for an address: fixed)."""
+
+        def pick(sock: ssl.SSLObject, _: str | None, __: ssl.SSLContext) -> int | None:
+            context = self._context_for(namespace)
+            if context is None:
+                return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+            sock.context = context
+            return None
+
+        async def handle(raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+            if namespace in self.down:
+                return _status(503, "ServiceUnavailable", "the tenant API is down")
+            return await self.emulator(namespace)(raw)
+
+        base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        base.sni_callback = pick  # type: ignore[assignment]
+        runner = aiohttp.web.ServerRunner(aiohttp.web.Server(handle))
+        await runner.setup()
+        self._runners.append(runner)
+        site = aiohttp.web.TCPSite(runner, self.node_address, number, ssl_context=base)
+        await site.start()
+        self._node_sites[number] = site
+
     @contextlib.asynccontextmanager
     async def serve(self) -> AsyncIterator[TenantApis]:
         """Serve on 127.0.0.1 and route `*.tenants.nest.test` there in this process."""
+        self.management.hooks.append(self._on_service)
         base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         base.sni_callback = self._sni  # type: ignore[assignment]
         server = aiohttp.web.Server(self._handle)
@@ -689,6 +790,11 @@ class TenantApis:
             async with kmock.AiohttpInterceptor("127.0.0.1", self.port, pattern):
                 yield self
         finally:
+            self.management.hooks.remove(self._on_service)
+            for task in list(self._starting):
+                task.cancel()
+            for extra in self._runners:
+                await extra.cleanup()
             await runner.cleanup()
 
 

@@ -4,8 +4,10 @@ apiserver semantics that the provisioner relies on)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services.provisioner.kube import (
@@ -99,3 +101,33 @@ async def test_missing_configuration_is_named(tmp_path: Path) -> None:
     (tmp_path / "bad").write_text("::: not yaml {")
     with pytest.raises(KubeNotConfigured, match="not usable"):
         await KubeClient.connect(tmp_path / "bad")
+
+
+async def test_server_side_apply_removes_a_field_the_manager_stops_applying(
+    management: ManagementCluster,
+) -> None:
+    client = await KubeClient.connect(management.kubeconfig, retry=FAST)
+    path = "/api/v1/namespaces/ssa/configmaps/owned"
+    try:
+        await client.apply("/api/v1/namespaces/ssa", namespace("ssa"))
+        first = configmap("ssa", "owned", "1")
+        first["data"] = {"value": "1", "dropped": "x"}
+        first["metadata"]["annotations"] = {"nest.io/a": "1", "nest.io/b": "2"}  # type: ignore[index]
+        await client.apply(path, first)
+        # Another manager's field survives; Nest's own dropped fields go.
+        async with httpx.AsyncClient(base_url=management.url) as raw:
+            response = await raw.patch(
+                path,
+                params={"fieldManager": "someone-else"},
+                content=json.dumps({"data": {"theirs": "y"}}),
+                headers={"Content-Type": "application/apply-patch+yaml"},
+            )
+            assert response.status_code == 200, response.text
+        second = configmap("ssa", "owned", "2")
+        second["metadata"]["annotations"] = {"nest.io/a": "1"}  # type: ignore[index]
+        applied = await client.apply(path, second)
+        assert applied["data"] == {"value": "2", "theirs": "y"}
+        assert applied["metadata"]["annotations"] == {"nest.io/a": "1"}
+        assert applied["metadata"]["labels"] == {"app": "owned"}
+    finally:
+        await client.close()

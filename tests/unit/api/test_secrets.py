@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.settings import Settings
 from libs.common.secrets import SealedSecretError, Sealer, load_key, sealer_from_settings
+from libs.common.settings import Settings
 
 
 def test_sealed_value_opens_only_for_its_owner_and_key() -> None:

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     management_dns_domain: str = "cluster.local"
     """DNS domain of the management cluster (names in the control-plane certificates)."""
 
+    image: str | None = None
+    """Image of the etcd restore Jobs (ships etcdutl); unset: `<registry>/nest/nest:<version>`."""
+
+    restore_wait_seconds: float = Field(default=900.0, gt=0)
+    """How long one step of an etcd restore (pods gone, Jobs done, members ready) may take."""
+
     node_address: str | None = None
     """Address of a management-cluster node, for the endpoint of NodePort clusters."""
 
@@ -191,6 +197,18 @@ class Settings(BaseSettings):
 
     backup_foundry_schedule: str = "0 * * * *"
     """Cron schedule (UTC) of the Foundry DB backup."""
+
+    backup_serve_host: str = "127.0.0.1"
+    """Where the backup service serves staged restore snapshots (0.0.0.0 in Kubernetes)."""
+
+    backup_serve_port: int = Field(default=8091, ge=0, le=65535)
+    """Port of the staged-snapshot server; 0 picks a free port."""
+
+    backup_public_url: str | None = None
+    """Base URL restore Jobs reach that server at; unset: `http://<serve host>:<port>`."""
+
+    backup_restore_url_ttl_seconds: float = Field(default=3600.0, gt=0)
+    """How long a staged snapshot's URL works; the file is removed after that."""
 
     health_host: str = "127.0.0.1"
     """Where non-API services serve /healthz and /readyz (0.0.0.0 in Kubernetes)."""

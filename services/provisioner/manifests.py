@@ -160,6 +160,7 @@ _PLURALS: Mapping[str, str] = {
     "RoleBinding": "rolebindings",
     "ClusterRole": "clusterroles",
     "ClusterRoleBinding": "clusterrolebindings",
+    "Job": "jobs",
 }
 
 
@@ -1046,6 +1047,161 @@ def _disruption_budget(
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(intent, component)},
             "unhealthyPodEvictionPolicy": unhealthy_policy,
+        },
+    }
+
+
+# Restoring etcd from a snapshot (services/provisioner/restore.py)
+
+COMPONENT_RESTORE = "etcd-restore"
+RESTORE_ID_LABEL = "nest.io/restore-id"
+RESTORE_URL_KEY = "url"
+RESTORE_MODULE = "services.provisioner.restore_member"
+
+
+def restore_suffix(restore_id: str) -> str:
+    """A short, DNS-safe stand-in for a restore id in object names."""
+    return hashlib.sha256(restore_id.encode()).hexdigest()[:10]
+
+
+def restore_job_name(restore_id: str, ordinal: int) -> str:
+    return f"{names.ETCD_STATEFULSET}-restore-{restore_suffix(restore_id)}-{ordinal}"
+
+
+def restore_secret_name(restore_id: str) -> str:
+    return f"{names.ETCD_STATEFULSET}-restore-{restore_suffix(restore_id)}"
+
+
+def etcd_member_volume_claim(ordinal: int) -> str:
+    """The PersistentVolumeClaim the StatefulSet made for member `ordinal`."""
+    return f"data-{names.ETCD_STATEFULSET}-{ordinal}"
+
+
+def _etcd_peer_hosts(namespace: str, replicas: int) -> list[str]:
+    """The host names in the members' peer URLs (`_etcd_initial_cluster`)."""
+    return [
+        f"{names.ETCD_STATEFULSET}-{ordinal}.{names.ETCD_HEADLESS_SERVICE}.{namespace}.svc"
+        for ordinal in range(replicas)
+    ]
+
+
+def _restore_labels(intent: ReconcileCluster, restore_id: str) -> dict[str, str]:
+    return {
+        **cluster_labels(intent, COMPONENT_RESTORE),
+        RESTORE_ID_LABEL: restore_suffix(restore_id),
+    }
+
+
+def etcd_restore_secret(intent: ReconcileCluster, restore_id: str, snapshot_url: str) -> Manifest:
+    """The snapshot URL (its token is a credential) for the restore Jobs, kept out of their
+    spec: the Jobs read it from here into `NEST_RESTORE_URL`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": restore_secret_name(restore_id),
+            "namespace": names.namespace_for(intent.name),
+            "labels": _restore_labels(intent, restore_id),
+        },
+        "type": "Opaque",
+        "data": {RESTORE_URL_KEY: base64.b64encode(snapshot_url.encode()).decode("ascii")},
+    }
+
+
+def etcd_restore_job(
+    intent: ReconcileCluster,
+    *,
+    restore_id: str,
+    ordinal: int,
+    image: str,
+    snapshot_sha256: str,
+    backoff_limit: int = 2,
+) -> Manifest:
+    """One Job restoring etcd member `ordinal` into its own volume (the StatefulSet must be
+    scaled to zero: the volume is ReadWriteOnce and etcd must not run on it meanwhile).
+
+    The container runs `python -m services.provisioner.restore_member` from the Nest image,
+    as root like etcd itself (it renames etcd's root-owned data dir), with no capabilities.
+    """
+    namespace = names.namespace_for(intent.name)
+    replicas = intent.spec.datastore.replicas
+    member = f"{names.ETCD_STATEFULSET}-{ordinal}"
+    peer = f"https://{member}.{names.ETCD_HEADLESS_SERVICE}.{namespace}.svc:{names.ETCD_PEER_PORT}"
+    labels = _restore_labels(intent, restore_id)
+    args = [
+        "-m",
+        RESTORE_MODULE,
+        "--url=$(NEST_RESTORE_URL)",
+        f"--sha256={snapshot_sha256}",
+        f"--data-dir={ETCD_DATA_MOUNT}/data",
+        f"--name={member}",
+        f"--initial-cluster={_etcd_initial_cluster(namespace, replicas)}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster-token={intent.cluster_id}",
+        f"--restore-id={restore_id}",
+    ]
+    container: Manifest = {
+        "name": "restore",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python"],
+        "args": args,
+        "env": [
+            {
+                "name": "NEST_RESTORE_URL",
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": restore_secret_name(restore_id),
+                        "key": RESTORE_URL_KEY,
+                    }
+                },
+            }
+        ],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "data", "mountPath": ETCD_DATA_MOUNT}],
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": restore_job_name(restore_id, ordinal),
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {RESTORE_ID_LABEL: restore_id},
+        },
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    # etcdutl resolves the peer URLs to check that this member's advertise URL
+                    # is its --initial-cluster entry; with etcd scaled to zero the headless
+                    # Service has no records, so the names resolve here (nothing is dialled).
+                    "hostAliases": [
+                        {"ip": "127.0.0.1", "hostnames": _etcd_peer_hosts(namespace, replicas)}
+                    ],
+                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [
+                        {
+                            "name": "data",
+                            "persistentVolumeClaim": {
+                                "claimName": etcd_member_volume_claim(ordinal)
+                            },
+                        }
+                    ],
+                },
+            },
         },
     }
 

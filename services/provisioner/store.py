@@ -18,12 +18,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.bus import Bus
 from libs.common.contract.cluster import ClusterEndpoint, Condition, ReconcileCluster
+from libs.common.contract.restore import RestoreEtcd
 from libs.common.kv import Leases, open_bucket
 
 log = logging.getLogger(__name__)
 
 CLUSTERS_BUCKET = "nest_provisioner_clusters"
 LEASES_BUCKET = "nest_provisioner_leases"
+
+
+class ActiveRestore(BaseModel):
+    """A restore of the cluster's etcd under way (services/provisioner/restore.py): while one
+    is recorded, reconcile passes of the cluster are paused; a restart resumes it at `step`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    intent: RestoreEtcd
+    step: str = "ScalingDown"
+    """The phase being carried out: ScalingDown, Restoring or ScalingUp."""
+    started_at: str = ""
 
 
 class ClusterRecord(BaseModel):
@@ -48,6 +61,10 @@ class ClusterRecord(BaseModel):
     conditions: list[Condition] = Field(default_factory=list)
     reported: str = ""
     """A digest of the last status event published, so only transitions are published."""
+    restore: ActiveRestore | None = None
+    """An etcd restore under way; reconciliation of the cluster waits for it."""
+    finished_restores: list[str] = Field(default_factory=list)
+    """Ids of the latest finished restores, so a redelivered restore intent is not rerun."""
 
 
 class ClusterStore:

@@ -222,12 +222,49 @@ async def _foundry(
         return 1
     finally:
         await store.close()
+    if note := await _record_restored(database_url, manifest):
+        errors.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     console.print(
         f"[green]Foundry DB restored[/green] from {domain.backup_id(manifest)} into "
         f"{_where(database_url)}. Start Nest with `nest up`.",
         highlight=False,
     )
     return 0
+
+
+async def _record_restored(database_url: str, manifest: Manifest) -> str | None:
+    """The dump was taken while its own backup ran, so the restored database shows that backup
+    `Running` (or not at all): record its completion from the manifest, as the API's projector
+    would have. Returns a note if that was not possible (the restore itself stands)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from libs.common.contract.backup import BackupCompleted
+    from services.api.backups import service as backups
+    from services.api.db import create_engine, session_factory
+
+    event = BackupCompleted(
+        target=manifest.target,
+        kind="foundry",
+        backup=str(manifest.ref),
+        completed_at=manifest.completed_at,
+        started_at=manifest.created_at,
+        stored_bytes=manifest.stored_size,
+        plaintext_bytes=manifest.plaintext_size,
+        stored_sha256=manifest.stored_sha256,
+        plaintext_sha256=manifest.plaintext_sha256,
+        encrypted=manifest.encrypted,
+        encryption_key_id=manifest.encryption.key_id if manifest.encryption else None,
+        verified=manifest.verified_at is not None,
+    )
+    engine = create_engine(database_url)
+    try:
+        async with session_factory(engine)() as session:
+            await backups.apply_completed(session, event)
+    except SQLAlchemyError as exc:
+        return f"the backup list was not updated ({type(exc).__name__}); the restore stands"
+    finally:
+        await engine.dispose()
+    return None
 
 
 def _where(database_url: str) -> str:

@@ -180,6 +180,10 @@ async def test_lost_appliance_comes_back_from_its_foundry_backup(
         async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=30) as client:
             tokens = (await client.get("/api/v1/tokens")).json()["items"]
             assert "reader" in [item["name"] for item in tokens]
+            # The backup restored from was mid-run in its own dump; the restore records it done.
+            shown = (await client.get(f"/api/v1/backups/{backup['id']}")).json()
+            assert shown["state"] == "Completed", shown
+            assert shown["storedSha256"] == backup["storedSha256"]
         # Never while Nest runs, even forced.
         running = restore_cli(cli_env, "--location", str(backups), "--force")
         assert running.returncode == 1

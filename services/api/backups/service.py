@@ -230,6 +230,8 @@ async def _apply(session: AsyncSession, changes: list[tuple[str, str, Change]]) 
         parsed.append((ref, kind, change, found))
     if not parsed:
         return False
+    # Rows are locked in one order (by id), so two events touching the same rows never deadlock.
+    parsed.sort(key=lambda item: item[3][1])
     for attempt in range(5):
         try:
             for _ref, kind, change, (target, backup_id, created) in parsed:

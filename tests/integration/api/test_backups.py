@@ -158,6 +158,10 @@ class TestProjection:
             )
         ).json()
         pruned_row, failed_row, new_row = listing["items"]
+        # The pruned backup's own Completed, redelivered late, does not bring it back.
+        await publish(bus, completed(old, cluster_id="c-1", etcd_revision=41, etcd_key_count=7))
+        await asyncio.sleep(0.3)
+        assert (await api.get(f"{URL}/{backup_id(old)}")).json()["state"] == "Pruned"
         assert pruned_row["etcdRevision"] == 41 and pruned_row["prunedAt"] is not None
         assert failed_row["reason"] == "BucketNotFound"
         assert "does not exist" in failed_row["message"]

@@ -210,7 +210,7 @@ def longest_interval(expression: str) -> timedelta:
     century rule, which no backup policy will notice.
     """
     schedule = CronSchedule.parse(expression)
-    previous = schedule.next_after(INTERVAL_ANCHOR)
+    previous = schedule.next_after(INTERVAL_ANCHOR - timedelta(minutes=1))
     longest = timedelta(0)
     for _ in range(INTERVAL_MAX_FIRINGS):
         following = schedule.next_after(previous)

@@ -156,3 +156,31 @@ class ToolMissing(BackupError):
     """An external program (etcdutl, pg_dump, pg_restore) is not installed."""
 
     reason = "ToolMissing"
+
+
+# --- policies and locations ----------------------------------------------------------------
+
+
+class PolicyNotFound(BackupError):
+    """The run names a backup policy the backup service does not know (or it was deleted)."""
+
+    reason = "PolicyNotFound"
+
+
+class LocationNotFound(BackupError):
+    """The run (or its policy) names a backup location the backup service does not know."""
+
+    reason = "LocationNotFound"
+
+
+class SecretUnreadable(BackupError):
+    """A location's sealed secret does not open: NEST_SECRETS_KEY (or secrets.key) differs
+    from the API's."""
+
+    reason = "SecretUnreadable"
+
+
+class EncryptionKeyMissing(BackupError):
+    """The policy asks for encryption but NEST_BACKUP_ENCRYPTION_KEYS is not set."""
+
+    reason = "EncryptionKeyMissing"

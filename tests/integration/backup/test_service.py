@@ -19,16 +19,25 @@ from libs.common.contract.backup import RunBackup
 from libs.common.contract.etcd_access import ETCD_CLIENT_RPC_SUBJECT, EtcdClientIssued
 from libs.common.settings import Settings
 from services.backup import artifacts
+from services.backup.catalog import CLUSTERS_BUCKET, LOCATIONS_BUCKET, POLICIES_BUCKET
 from services.backup.service import BackupService
-from services.backup.state import LEASES_BUCKET, SCHEDULES_BUCKET, ScheduleRecord, Schedules
+from services.backup.state import (
+    LEASES_BUCKET,
+    RPO_BUCKET,
+    SCHEDULES_BUCKET,
+    ScheduleRecord,
+    Schedules,
+)
 from services.backup.store import LocalStore
 from tests.support.etcd import EtcdServer
+
+CATALOG_BUCKETS = (LOCATIONS_BUCKET, POLICIES_BUCKET, CLUSTERS_BUCKET)
 
 
 @pytest.fixture
 async def clean_buckets(bus: Bus) -> Bus:
     js = bus.nc.jetstream()
-    for bucket in (SCHEDULES_BUCKET, LEASES_BUCKET):
+    for bucket in (SCHEDULES_BUCKET, LEASES_BUCKET, *CATALOG_BUCKETS, RPO_BUCKET):
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_key_value(bucket)
     return bus

@@ -7,10 +7,12 @@ Transport only; the work is in `runs.run_backup`.
   ...) is reported and acked: the next scheduled run is the retry, and an operator sees the
   reason at once. Anything unexpected is reported and re-raised, so the bus retries it and
   finally dead-letters it.
-- The scheduler loop runs on the one replica holding the `scheduler` lease. For each schedule
-  it asks `schedule.plan_run` whether a run is due (missed runs collapse into one catch-up run),
-  publishes a RunBackup intent whose Nats-Msg-Id is derived from the target and firing time
-  (so even two emitters store it once), then advances `lastRun` with a compare-and-set.
+- The same consumer takes the API's backup locations and policies into the catalog
+  (`catalog.py`); a second durable consumer (`backup-clusters`, on NEST_EVENTS) follows
+  `ClusterDeclared`/`ClusterDeleted`. A run resolves its store, keys and retention from its
+  policy or location (`resolve.py`, `locations.py`).
+- The scheduler loop runs on the one replica holding the `scheduler` lease; `scheduler.py` does
+  one tick: schedules per policy and target, catch-up runs, drills, RPO checks.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from pydantic import ValidationError
 
 from libs.common.bus import Bus, Consumer, ConsumerSpec, Delivery, Reject, RpcError
 from libs.common.contract import (
+    EVENTS_STREAM,
     INTENTS_STREAM,
     Envelope,
     UnknownMessageType,
-    envelope_for,
     parse_payload,
 )
-from libs.common.contract.backup import BackupCompleted, BackupFailed, BackupStarted, RunBackup
+from libs.common.contract.backup import (
+    DrillFailed,
+    RunBackup,
+)
 from libs.common.contract.backup_location import (
     PROBE_LOCATION_RPC_SUBJECT,
     LocationProbed,
@@ -40,23 +45,28 @@ from libs.common.contract.backup_location import (
     ProbeLocationRequest,
 )
 from libs.common.contract.restore import PrepareRestore
-from libs.common.cron import CronError, CronSchedule, latest_due, plan_run
 from libs.common.kv import Leases
 from libs.common.runner import instance_name
+from libs.common.secrets import sealer_from_settings
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
-from services.backup import config, errors
+from services.backup import config, drills, errors, reports
 from services.backup.access import rpc_etcd_access
-from services.backup.layout import new_ref
 from services.backup.restores import RestorePreparer, preparer_for
+from services.backup.catalog import CATALOG_TYPES, Catalog
+from services.backup.layout import BackupRef, new_ref
+from services.backup.locations import LocationStores
+from services.backup.resolve import ResolvedRun, resolve_run
 from services.backup.runs import BackupContext, EtcdAccess, RunRequest, run_backup
-from services.backup.state import ScheduleRecord, Schedules, open_leases
+from services.backup.scheduler import Scheduler
+from services.backup.state import RpoBook, ScheduleRecord, Schedules, open_leases
 from services.backup.store import probe
 
 log = logging.getLogger(__name__)
 
 SOURCE = "backup"
 DURABLE = "backup"
+CLUSTERS_DURABLE = "backup-clusters"
 SCHEDULER_LEASE = "scheduler"
 FOUNDRY_TARGET = "foundry"
 Clock = Callable[[], datetime]
@@ -147,6 +157,11 @@ class BackupService:
         self._run_lock = asyncio.Lock()
         self._probe_subscription: Any = None
         self.restores: RestorePreparer | None = None
+        self._catalog: Catalog | None = None
+        self._stores: LocationStores | None = None
+        self._rpo: RpoBook | None = None
+        self._scheduler: Scheduler | None = None
+        self._clusters_consumer: Consumer | None = None
 
     @property
     def bus(self) -> Bus:
@@ -160,7 +175,19 @@ class BackupService:
             self.context.etcd_access = rpc_etcd_access(bus, f"backup-{self.instance}")
         self._schedules = await Schedules.open(bus)
         self._leases = await open_leases(bus, ttl_seconds=max(4 * self.tick_seconds, 5.0))
-        await self._ensure_foundry_schedule()
+        self._catalog = await Catalog.open(bus)
+        self._stores = LocationStores(self._catalog, sealer_from_settings(self.settings))
+        self._rpo = await RpoBook.open(bus)
+        self._scheduler = Scheduler(
+            bus=bus,
+            source=SOURCE,
+            catalog=self._catalog,
+            schedules=self._schedules,
+            rpo=self._rpo,
+            foundry_cron=self.foundry_schedule.expression,
+            clock=self.clock,
+            start_drill=self.start_drill,
+        )
         self.restores = preparer_for(self)  # cluster restores (restores.py)
         await self.restores.staged.start()
         spec = ConsumerSpec(
@@ -174,6 +201,15 @@ class BackupService:
         )
         self._consumer = bus.consumer(spec, self.handle)
         self._tasks.spawn("intents", self._consumer.run())
+        clusters = ConsumerSpec(
+            stream=EVENTS_STREAM,
+            durable=CLUSTERS_DURABLE,
+            filter_subject="nest.event.cluster.>",
+            service=SOURCE,
+            max_deliver=self.settings.max_deliver,
+        )
+        self._clusters_consumer = bus.consumer(clusters, self.handle_cluster_event)
+        self._tasks.spawn("clusters", self._clusters_consumer.run())
         self._tasks.spawn("scheduler", self._scheduler_loop())
         self._probe_subscription = await serve_probe_location(bus)
 
@@ -183,6 +219,8 @@ class BackupService:
                 await self._probe_subscription.unsubscribe()
         if self._consumer is not None:
             await self._consumer.drain(timeout)
+        if self._clusters_consumer is not None:
+            await self._clusters_consumer.drain(timeout)
         if self._leases is not None:
             with contextlib.suppress(Exception):
                 await self._leases.release(SCHEDULER_LEASE, self.instance)
@@ -191,6 +229,8 @@ class BackupService:
         try:
             await self._tasks.stop(2.0)
         finally:
+            if self._stores is not None:
+                await self._stores.close()
             await self.context.store.close()
 
     async def ready(self) -> dict[str, bool]:
@@ -203,6 +243,10 @@ class BackupService:
             payload = parse_payload(envelope)
         except (UnknownMessageType, ValidationError) as exc:
             raise Reject(f"not a backup intent: {exc}") from None
+        if isinstance(payload, CATALOG_TYPES):
+            assert self._catalog is not None
+            await self._catalog.apply(payload)
+            return
         if isinstance(payload, PrepareRestore) and self.restores is not None:
             await self.restores.prepare(payload)
             return
@@ -210,86 +254,86 @@ class BackupService:
             raise Reject(f"{envelope.type} is not a backup intent")
         await self.on_run(payload)
 
+    async def handle_cluster_event(self, envelope: Envelope, delivery: Delivery) -> None:
+        """ClusterDeclared / ClusterDeleted into the catalog; other cluster events are not ours."""
+        try:
+            payload = parse_payload(envelope)
+        except (UnknownMessageType, ValidationError):
+            return  # a newer event type, or one that is not for us
+        if isinstance(payload, CATALOG_TYPES):
+            assert self._catalog is not None
+            await self._catalog.apply(payload)
+
     async def on_run(self, intent: RunBackup) -> None:
         """Take one backup and report it. One run at a time per replica (bounded memory/IO)."""
+        assert self._catalog is not None
+        assert self._stores is not None
         async with self._run_lock:
             now = self.clock()
             ref = new_ref(intent.target, now)
-            await self.bus.publish(
-                BackupStarted(
-                    target=intent.target, kind=intent.kind, backup=str(ref), started_at=now
-                ),
-                source=SOURCE,
-                subject=intent.target,
-            )
-            request = RunRequest(
-                target=intent.target,
-                kind=intent.kind,
-                cluster_id=intent.cluster_id,
-                kubernetes_version=intent.kubernetes_version,
-                labels={"trigger": intent.trigger},
-            )
             try:
-                result = await run_backup(request, ref, self.context, now)
-            except Exception as exc:
-                reason = exc.reason if isinstance(exc, errors.BackupError) else "InternalError"
-                log.warning(
-                    "backup failed",
-                    extra={"backup": str(ref), "reason": reason, "error": str(exc)},
-                )
+                async with resolve_run(intent, self.context, self._catalog, self._stores) as run:
+                    await self._run(intent, ref, now, run)
+            except errors.BackupError as exc:
+                # The run could not even start (unknown policy or location, no key, ...).
+                log.warning("backup refused", extra={"reason": exc.reason, "error": str(exc)})
                 await self.bus.publish(
-                    BackupFailed(
-                        target=intent.target,
-                        kind=intent.kind,
-                        backup=str(ref),
-                        failed_at=self.clock(),
-                        reason=reason,
-                        message=str(exc),
+                    reports.failed(
+                        intent,
+                        None,
+                        self.clock(),
+                        exc.reason,
+                        str(exc),
+                        intent.policy_id,
+                        intent.location_id,
                     ),
                     source=SOURCE,
                     subject=intent.target,
                 )
-                if isinstance(exc, errors.BackupError):
-                    return
-                raise
-            manifest = result.manifest
+
+    async def _run(
+        self, intent: RunBackup, ref: BackupRef, now: datetime, run: ResolvedRun
+    ) -> None:
+        await self.bus.publish(
+            reports.started(intent, ref, now, run.policy_id, run.location_id),
+            source=SOURCE,
+            subject=intent.target,
+        )
+        request = RunRequest(
+            target=intent.target,
+            kind=intent.kind,
+            cluster_id=intent.cluster_id,
+            kubernetes_version=intent.kubernetes_version,
+            labels={"trigger": intent.trigger},
+        )
+        try:
+            result = await run_backup(request, ref, run.context, now)
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, errors.BackupError) else "InternalError"
+            log.warning(
+                "backup failed", extra={"backup": str(ref), "reason": reason, "error": str(exc)}
+            )
             await self.bus.publish(
-                BackupCompleted(
-                    target=intent.target,
-                    kind=intent.kind,
-                    backup=str(ref),
-                    completed_at=manifest.completed_at,
-                    stored_bytes=manifest.stored_size,
-                    plaintext_sha256=manifest.plaintext_sha256,
-                    encrypted=manifest.encrypted,
-                    verified=manifest.verified_at is not None,
-                    etcd_revision=manifest.etcd.revision if manifest.etcd else None,
-                    pruned=[str(r) for r in result.pruned],
+                reports.failed(
+                    intent, ref, self.clock(), reason, str(exc), run.policy_id, run.location_id
                 ),
                 source=SOURCE,
                 subject=intent.target,
             )
-
-    # Schedules
-
-    async def _ensure_foundry_schedule(self) -> None:
-        """The Foundry DB schedule comes from settings; keep its lastRun across restarts."""
-        assert self._schedules is not None
-        for _ in range(5):
-            existing = await self._schedules.get(FOUNDRY_TARGET)
-            if existing is None:
-                record = ScheduleRecord(
-                    target=FOUNDRY_TARGET, kind="foundry", cron=self.foundry_schedule.expression
-                )
-                if await self._schedules.put(record, None):
-                    return
-                continue
-            record, revision = existing
-            if record.cron == self.foundry_schedule.expression:
+            if isinstance(exc, errors.BackupError):
                 return
-            record.cron = self.foundry_schedule.expression
-            if await self._schedules.put(record, revision):
-                return
+            raise
+        await self.bus.publish(
+            reports.completed(intent, ref, result, now, run.policy_id, run.location_id),
+            source=SOURCE,
+            subject=intent.target,
+        )
+        if run.policy_id is not None and self._rpo is not None:
+            await self._rpo.record_success(
+                run.policy_id, intent.target, result.manifest.completed_at
+            )
+
+    # Schedules and drills
 
     async def _scheduler_loop(self) -> None:
         assert self._leases is not None
@@ -302,42 +346,53 @@ class BackupService:
             await asyncio.sleep(self.tick_seconds)
 
     async def tick(self) -> list[str]:
-        """Emit every due run once; return the targets emitted (the lease is the caller's)."""
-        assert self._schedules is not None
-        now = self.clock()
-        emitted: list[str] = []
-        for record, revision in await self._schedules.all():
+        """Emit every due run and drill once, check RPOs (the lease is the caller's); returns
+        the schedule keys emitted (`scheduler.Scheduler.tick`)."""
+        assert self._scheduler is not None
+        return await self._scheduler.tick()
+
+    async def start_drill(self, record: ScheduleRecord) -> None:
+        """Run the drill of a drill schedule record in the background on this replica."""
+        self._tasks.spawn(
+            f"drill-{record.record_key}-{self.clock():%Y%m%dT%H%M%S}", self.drill(record)
+        )
+
+    async def drill(self, record: ScheduleRecord) -> None:
+        """Drill the newest backup of the record's target in its policy's location; publish the
+        result (one drill or run at a time per replica)."""
+        assert self._catalog is not None
+        assert self._stores is not None
+        policy = await self._catalog.policy(record.policy_id or "")
+        if policy is None or policy.spec is None:
+            return
+        location_id = policy.spec.location_id
+        async with self._run_lock:
+            now = self.clock()
             try:
-                schedule = CronSchedule.parse(record.cron)
-            except CronError as exc:
-                log.warning("bad schedule", extra={"target": record.target, "error": str(exc)})
-                continue
-            if record.last_run is None:
-                # A new schedule waits for its first firing time instead of running now.
-                record.last_run = now
-                await self._schedules.put(record, revision)
-                continue
-            decision = plan_run(schedule, record.last_run, now)
-            if not decision.run_now:
-                continue
-            due = latest_due(schedule, record.last_run, now) or now
-            intent = RunBackup(
-                target=record.target,
-                kind=record.kind,
-                cluster_id=record.cluster_id,
-                kubernetes_version=record.kubernetes_version,
-                trigger="schedule",
-                scheduled_for=due,
-            )
-            subject, envelope = envelope_for(intent, source=SOURCE, subject=record.target)
-            envelope.id = f"backup-schedule-{record.target}-{due.strftime('%Y%m%dT%H%M%SZ')}"
-            await self.bus.publish_envelope(subject, envelope)
-            record.last_run = due
-            if await self._schedules.put(record, revision):
-                emitted.append(record.target)
-                if decision.missed > 1:
-                    log.info(
-                        "missed scheduled backups collapsed into one catch-up run",
-                        extra={"target": record.target, "missed": decision.missed},
+                async with self._stores.use(location_id) as (_, store):
+                    result: Any = await drills.drill_newest(
+                        store,
+                        record.target,
+                        record.kind,
+                        self.context.keyring,
+                        scratch_dir=self.settings.data_dir / "drills",
+                        etcd_bin_dir=self.settings.backup_etcd_bin_dir,
+                        database_url=self.settings.resolved_database_url,
+                        pg_bin_dir=self.settings.backup_pg_bin_dir,
+                        location_id=location_id,
+                        policy_id=policy.policy_id,
+                        now=now,
                     )
-        return emitted
+            except Exception as exc:
+                reason = exc.reason if isinstance(exc, errors.BackupError) else "InternalError"
+                log.exception("restore drill could not run", extra={"target": record.target})
+                result = DrillFailed(
+                    target=record.target,
+                    kind=record.kind,
+                    location_id=location_id,
+                    policy_id=policy.policy_id,
+                    drilled_at=now,
+                    reason=reason,
+                    message=str(exc),
+                )
+        await self.bus.publish(result, source=SOURCE, subject=record.target)

@@ -52,11 +52,11 @@ from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
 from services.backup import config, drills, errors, reports
 from services.backup.access import rpc_etcd_access
-from services.backup.restores import RestorePreparer, preparer_for
 from services.backup.catalog import CATALOG_TYPES, Catalog
 from services.backup.layout import BackupRef, new_ref
 from services.backup.locations import LocationStores
 from services.backup.resolve import ResolvedRun, resolve_run
+from services.backup.restores import RestorePreparer, preparer_for
 from services.backup.runs import BackupContext, EtcdAccess, RunRequest, run_backup
 from services.backup.scheduler import Scheduler
 from services.backup.state import RpoBook, ScheduleRecord, Schedules, open_leases

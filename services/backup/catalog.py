@@ -17,7 +17,7 @@ Locations keep their secret access key sealed (libs.common.secrets), exactly as 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import nats.js.errors
@@ -171,6 +171,8 @@ class Catalog:
         self._locations = locations
         self._policies = policies
         self._clusters = clusters
+        self.listeners: list[Callable[[CatalogMessage], Awaitable[None]]] = []
+        """Called after a message changed the copy (e.g. to close a deleted location's store)."""
 
     @classmethod
     async def open(cls, bus: Bus) -> Catalog:
@@ -186,6 +188,9 @@ class Catalog:
     async def apply(self, message: CatalogMessage) -> bool:
         """Take one intent or event into the copy; True if it changed anything."""
         changed = await self._apply(message)
+        if changed:
+            for listener in self.listeners:
+                await listener(message)
         log.info(
             "catalog updated" if changed else "catalog message ignored (stale or equal)",
             extra={"kind": type(message).__name__},

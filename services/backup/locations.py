@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libs.common.contract.backup_location import BackupLocationSpec
+from libs.common.contract.backup_policy import ApplyBackupLocation, DeleteBackupLocation
 from libs.common.secrets import SealedSecretError, Sealer
 from services.backup import errors
-from services.backup.catalog import Catalog, LocationEntry
+from services.backup.catalog import Catalog, CatalogMessage, LocationEntry
 from services.backup.store import LocalStore, ObjectStore, S3Config, S3Store
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,16 @@ class LocationStores:
         self.catalog = catalog
         self.sealer = sealer
         self._open: dict[str, _Open] = {}
+        catalog.listeners.append(self._changed)
+
+    async def _changed(self, message: CatalogMessage) -> None:
+        """A location changed or went away: close its store once no run holds it."""
+        if isinstance(message, ApplyBackupLocation | DeleteBackupLocation):
+            held = self._open.get(message.location_id)
+            if held is not None and (
+                isinstance(message, DeleteBackupLocation) or held.generation < message.generation
+            ):
+                await self._retire(message.location_id, held)
 
     @contextlib.asynccontextmanager
     async def use(self, location_id: str) -> AsyncIterator[tuple[LocationEntry, ObjectStore]]:

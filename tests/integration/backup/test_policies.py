@@ -301,6 +301,20 @@ async def test_runs_by_policy_location_or_default_and_their_failures(
                 source="test",
             )
             await wait_for(received, "failed", 2)
+            # loc-b moves (generation 2): the next run writes to its new directory.
+            moved = local_location(tmp_path / "b2", "loc-b")
+            moved.generation = 2
+            await bus.publish(moved, source="test")
+
+            async def moved_known() -> bool:
+                held = await service._catalog.location("loc-b")  # type: ignore[union-attr]
+                return held is not None and held.generation == 2
+
+            await until(moved_known, "loc-b at generation 2")
+            await bus.publish(
+                RunBackup(target="foundry", kind="foundry", location_id="loc-b"), source="test"
+            )
+            await wait_for(received, "completed", 4)
         finally:
             await service.stop(3)
     completed = of_type(received, "completed")
@@ -309,6 +323,7 @@ async def test_runs_by_policy_location_or_default_and_their_failures(
         (None, None),
         (None, "loc-b"),
         ("default-id", "loc-a"),
+        (None, "loc-b"),
     ]
     assert completed[2]["encrypted"] is False
     assert [(f["reason"], f["policyId"]) for f in failed] == [
@@ -320,6 +335,7 @@ async def test_runs_by_policy_location_or_default_and_their_failures(
         (tmp_path / "settings-store", completed[0]["backup"]),
         (tmp_path / "b", completed[1]["backup"]),
         (tmp_path / "a", completed[2]["backup"]),
+        (tmp_path / "b2", completed[3]["backup"]),
     ):
         listed = await artifacts.list_backups(LocalStore(directory), "foundry")
         assert [str(m.ref) for m in listed] == [backup]

@@ -8,6 +8,7 @@ in the outbox with the row, so the backup service's copy follows every committed
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,9 @@ DEFAULT_POLICY_NAME = "default"
 DEFAULT_SCHEDULE = "0 * * * *"
 
 Notify = Callable[[], None]
+ID_PATTERN = re.compile(r"^[A-Za-z0-9-]{1,36}$")
+"""What a stored id can look like; anything else cannot exist and is not sent to the database
+(PostgreSQL refuses, e.g., a NUL in a query parameter)."""
 
 
 def to_read(row: BackupPolicy) -> BackupPolicyRead:
@@ -126,7 +130,8 @@ async def _check_references(
         except CronError as exc:
             errors.append(FieldError(field=field, message=str(exc)))
     if (previous is None or previous.location_id != spec.location_id) and not (
-        await repository.location_exists(session, spec.location_id)
+        ID_PATTERN.match(spec.location_id)
+        and await repository.location_exists(session, spec.location_id)
     ):
         errors.append(
             FieldError(
@@ -136,7 +141,7 @@ async def _check_references(
         )
     known = set(previous.targets.cluster_ids) if previous else set()
     new = [c for c in spec.targets.cluster_ids if c not in known]
-    live = await repository.live_cluster_ids(session, new)
+    live = await repository.live_cluster_ids(session, [c for c in new if ID_PATTERN.match(c)])
     for index, cluster_id in enumerate(spec.targets.cluster_ids):
         if cluster_id in new and cluster_id not in live:
             errors.append(

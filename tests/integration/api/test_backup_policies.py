@@ -262,6 +262,11 @@ class TestValidation:
             "spec.drillSchedule"
         ]
         assert await refused(policy_body("no-such-location")) == ["spec.locationId"]
+        # Ids no row can have never reach the database (PostgreSQL refuses a NUL): still 422.
+        assert await refused(policy_body("loc\u0000x")) == ["spec.locationId"]
+        assert await refused(
+            policy_body(location["id"], targets={"clusterIds": ["c\u0000", "x" * 300]})
+        ) == ["spec.targets.clusterIds.0", "spec.targets.clusterIds.1"]
         assert await refused(
             policy_body(location["id"], targets={"clusterIds": [cluster["id"], "nope"]})
         ) == ["spec.targets.clusterIds.1"]

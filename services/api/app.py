@@ -39,6 +39,7 @@ from services.api.middleware import (
 from services.api.outbox.relay import OutboxRelay
 from services.api.projector import Projector
 from services.api.ratelimit import RateLimiter
+from services.api.restores.endpoints import router as restores_router
 from services.api.webhooks.delivery import DeliveryWorker
 from services.api.webhooks.endpoints import router as webhooks_router
 
@@ -172,6 +173,7 @@ def create_app(settings: Settings) -> FastAPI:
     api.include_router(backup_locations_router)
     api.include_router(backup_policies_router)
     api.include_router(backups_router)
+    api.include_router(restores_router)
     app.include_router(api)
     openapi.install(app)
 

@@ -345,3 +345,34 @@ class BackupPolicy(Base):
         Index("ix_backup_policies_created_at_id", "created_at", "id"),
         Index("ix_backup_policies_location_id", "location_id"),
     )
+
+
+class Restore(Base):
+    """A restore of a cluster's etcd from a backup (services/api/restores), progressed by
+    `RestoreProgressed` events from the backup service and the provisioner.
+
+    `active_cluster_id` holds the cluster id while the restore is not finished and is cleared
+    when it is: its unique constraint lets only one restore per cluster be under way, even
+    when two requests race."""
+
+    __tablename__ = "restores"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    cluster_id: Mapped[str] = mapped_column(String(36))
+    cluster_name: Mapped[str] = mapped_column(String(63))
+    backup_id: Mapped[str] = mapped_column(String(64))
+    backup_ref: Mapped[str] = mapped_column(String(255))
+    location_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    force: Mapped[bool] = mapped_column(Boolean, default=False)
+    phase: Mapped[str] = mapped_column(String(16), default="Pending")
+    reason: Mapped[str] = mapped_column(String(128), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    etcd_revision: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
+    """[{phase, at, reason, message}] of every phase the restore went through, in order."""
+    active_cluster_id: Mapped[str | None] = mapped_column(String(36), nullable=True, unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_restores_cluster_created_at_id", "cluster_id", "created_at", "id"),)

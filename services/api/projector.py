@@ -16,8 +16,10 @@ from libs.common.contract.backup import (
     DrillPassed,
 )
 from libs.common.contract.cluster import ClusterDeleted, ClusterStatusChanged
+from libs.common.contract.restore import RestoreProgressed
 from services.api.backups import service as backups
 from services.api.clusters import service as clusters
+from services.api.restores import service as restores
 
 DURABLE = "api-projector"
 
@@ -55,6 +57,9 @@ class Projector:
                 await backups.apply_failed(session, payload)
             elif isinstance(payload, DrillPassed | DrillFailed):
                 await backups.apply_drill(session, payload)
+            # Cluster restores (services/api/restores).
+            elif isinstance(payload, RestoreProgressed):
+                await restores.apply_progress(session, payload)
 
     def consumer(self, bus: Bus, *, max_deliver: int) -> Consumer:
         spec = ConsumerSpec(

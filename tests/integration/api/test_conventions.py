@@ -57,6 +57,9 @@ REQUIRED_SCOPE = {
     "createBackup": "operator",
     "listBackups": "viewer",
     "getBackup": "viewer",
+    "createClusterRestore": "admin",
+    "listClusterRestores": "viewer",
+    "getClusterRestore": "viewer",
 }
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
 

@@ -1,0 +1,211 @@
+"""Cluster restores in the API: requesting one (checked against the backups the API knows, a
+`PrepareRestore` intent staged in the outbox in the same transaction), reading them, and
+projecting `RestoreProgressed` events onto them.
+
+The flow behind it is in `libs/common/contract/restore.py`: the backup service verifies and
+stages the snapshot, the provisioner restores every etcd member; both report each phase.
+
+Projection is idempotent and order-tolerant: a phase is applied only if it is further along
+than the one held (Failed is further than anything unfinished), so a redelivered or late
+event never moves a restore back, and nothing moves a restore that Succeeded or Failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from libs.common.contract import envelope_for
+from libs.common.contract.restore import (
+    TERMINAL_RESTORE_PHASES,
+    PrepareRestore,
+    RestoreProgressed,
+)
+from libs.common.logging import correlation_id
+from services.api.backups import repository as backups
+from services.api.clusters import repository as clusters
+from services.api.models import Restore, utcnow
+from services.api.outbox import repository as outbox
+from services.api.pagination import Cursor, Page
+from services.api.problems import Conflict, FieldError, InvalidInput, NotFound
+from services.api.restores import repository
+from services.api.restores.schemas import RestoreCreate, RestoreRead, RestoreStep
+
+log = logging.getLogger(__name__)
+
+SOURCE = "api"
+Notify = Callable[[], None]
+
+RANK = {
+    "Pending": 0,
+    "Verifying": 1,
+    "Staged": 2,
+    "ScalingDown": 3,
+    "Restoring": 4,
+    "ScalingUp": 5,
+    "Succeeded": 6,
+    "Failed": 6,
+}
+
+
+def _invalid(field: str, message: str) -> InvalidInput:
+    return InvalidInput(
+        f"invalid input: {field}: {message}", errors=[FieldError(field=field, message=message)]
+    )
+
+
+async def request_restore(
+    session: AsyncSession, cluster_id: str, body: RestoreCreate, notify: Notify
+) -> RestoreRead:
+    cluster = await clusters.get(session, cluster_id)
+    if cluster is None:
+        raise NotFound(f"cluster {cluster_id!r} not found")
+    if cluster.deletion_requested_at is not None:
+        raise Conflict(f"cluster {cluster.name!r} is being deleted")
+    backup = await backups.get(session, body.backup_id)
+    if backup is None:
+        raise _invalid("backupId", f"backup {body.backup_id!r} does not exist")
+    if backup.kind != "etcd":
+        raise _invalid("backupId", f"backup {body.backup_id!r} is a {backup.kind} backup, not etcd")
+    if backup.state != "Completed":
+        raise _invalid(
+            "backupId",
+            f"backup {body.backup_id!r} is {backup.state}; only a Completed backup can be restored",
+        )
+    target = f"cluster-{cluster.name}"
+    if backup.target != target and not body.force:
+        raise _invalid(
+            "backupId",
+            f"backup {body.backup_id!r} is of {backup.target!r}, not of this cluster ({target!r}); "
+            "set force to restore it anyway",
+        )
+    active = await repository.active_for(session, cluster.id)
+    if active is not None:
+        raise Conflict(f"restore {active.id} of cluster {cluster.name!r} is still {active.phase}")
+    now = utcnow()
+    row = Restore(
+        id=str(uuid.uuid4()),
+        cluster_id=cluster.id,
+        cluster_name=cluster.name,
+        backup_id=backup.id,
+        backup_ref=backup.ref,
+        location_id=backup.location_id,
+        force=body.force,
+        phase="Pending",
+        reason="",
+        message="",
+        etcd_revision=backup.etcd_revision,
+        history=[RestoreStep(phase="Pending", at=now).model_dump(mode="json", by_alias=True)],
+        active_cluster_id=cluster.id,
+        created_at=now,
+        updated_at=now,
+    )
+    repository.add(session, row)
+    intent = PrepareRestore(
+        restore_id=row.id,
+        cluster_id=cluster.id,
+        cluster_name=cluster.name,
+        backup=backup.ref,
+        location_id=backup.location_id,
+        force=body.force,
+    )
+    subject, envelope = envelope_for(
+        intent, source=SOURCE, subject=row.id, correlation_id=correlation_id.get()
+    )
+    outbox.add(session, subject, envelope)
+    try:
+        await session.commit()
+    except IntegrityError:
+        # Another request started a restore of this cluster between our check and commit.
+        await session.rollback()
+        raise Conflict(f"a restore of cluster {cluster.name!r} is already under way") from None
+    notify()
+    log.info(
+        "restore requested",
+        extra={"restoreId": row.id, "clusterId": cluster.id, "backup": backup.ref},
+    )
+    return to_read(row)
+
+
+# Reading
+
+
+def to_read(row: Restore) -> RestoreRead:
+    return RestoreRead(
+        id=row.id,
+        cluster_id=row.cluster_id,
+        backup_id=row.backup_id,
+        backup_ref=row.backup_ref,
+        location_id=row.location_id,
+        force=row.force,
+        phase=row.phase,
+        reason=row.reason,
+        message=row.message,
+        etcd_revision=row.etcd_revision,
+        history=[RestoreStep.model_validate(step) for step in row.history or []],
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+    )
+
+
+async def _cluster(session: AsyncSession, cluster_id: str) -> None:
+    if await clusters.get(session, cluster_id) is None:
+        raise NotFound(f"cluster {cluster_id!r} not found")
+
+
+async def get(session: AsyncSession, cluster_id: str, restore_id: str) -> RestoreRead:
+    await _cluster(session, cluster_id)
+    row = await repository.get(session, restore_id)
+    if row is None or row.cluster_id != cluster_id:
+        raise NotFound(f"restore {restore_id!r} of cluster {cluster_id!r} not found")
+    return to_read(row)
+
+
+async def list_restores(
+    session: AsyncSession, cluster_id: str, *, limit: int, cursor: str | None
+) -> Page[RestoreRead]:
+    await _cluster(session, cluster_id)
+    after = None
+    if cursor:
+        position = Cursor.decode(cursor)
+        after = (position.created_at, position.id)
+    rows = await repository.list_page(session, cluster_id, limit=limit, after=after)
+    items = [to_read(row) for row in rows[:limit]]
+    following = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        following = Cursor(created_at=last.created_at, id=last.id).encode()
+    return Page[RestoreRead](items=items, next=following)
+
+
+# Projection
+
+
+async def apply_progress(session: AsyncSession, event: RestoreProgressed) -> bool:
+    """Move the restore to the event's phase if that is further along; True if it changed."""
+    row = await repository.get(session, event.restore_id, for_update=True)
+    if row is None:
+        log.info("ignoring progress of an unknown restore", extra={"restoreId": event.restore_id})
+        return False
+    if row.phase in TERMINAL_RESTORE_PHASES or RANK[event.phase] <= RANK[row.phase]:
+        return False
+    row.phase = event.phase
+    row.reason = event.reason
+    row.message = event.message
+    if event.etcd_revision is not None:
+        row.etcd_revision = event.etcd_revision
+    step = RestoreStep(
+        phase=event.phase, at=event.at, reason=event.reason, message=event.message
+    ).model_dump(mode="json", by_alias=True)
+    row.history = [*(row.history or []), step]
+    row.updated_at = utcnow()
+    if event.phase in TERMINAL_RESTORE_PHASES:
+        row.finished_at = event.at
+        row.active_cluster_id = None
+    await session.commit()
+    return True

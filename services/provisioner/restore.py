@@ -168,6 +168,10 @@ class Restores:
             await self._finish(intent, "Failed", exc.reason, str(exc))
         except KubeNotConfigured as exc:
             await self._finish(intent, "Failed", "ManagementClusterUnavailable", str(exc))
+        except KubeRejected as exc:
+            await self._finish(
+                intent, "Failed", "Rejected", f"the management cluster refused: {exc}"
+            )
         except KubeError as exc:
             # Transient (the management API is down): keep the record; the resync retries.
             log.warning(

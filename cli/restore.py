@@ -155,7 +155,15 @@ def foundry(
         store = domain.open_location(location, s3)
     except domain.FoundryRestoreError as exc:
         raise _fail(str(exc)) from None
-    code = asyncio.run(_foundry(settings, store, keyring, backup, list_only, force))
+    try:
+        code = asyncio.run(_foundry(settings, store, keyring, backup, list_only, force))
+    except KeyboardInterrupt:
+        # The database is only replaced at the very end, atomically (SQLite: a rename;
+        # PostgreSQL: one transaction): it is either the old one or the restored one.
+        raise _fail(
+            "interrupted: the database was replaced completely or not at all; run the "
+            "restore again to be sure"
+        ) from None
     if code:
         raise typer.Exit(code)
 

@@ -309,6 +309,10 @@ async def restore(
             raise FoundryRestoreError(
                 f"backup {backup_id(manifest)} failed its checks ({exc.reason}): {exc}"
             ) from None
+        except OSError as exc:
+            raise FoundryRestoreError(
+                f"download into {scratch_dir} failed, the database is unchanged: {exc}"
+            ) from None
         try:
             destination = sqlite_path(database_url)
             if destination is not None:
@@ -317,7 +321,7 @@ async def restore(
                 await restore_postgres(
                     local, PostgresTarget.from_url(database_url), clean=replace, bin_dir=pg_bin_dir
                 )
-        except errors.BackupError as exc:
+        except (errors.BackupError, OSError) as exc:
             raise FoundryRestoreError(f"restore failed, the database is unchanged: {exc}") from None
 
 

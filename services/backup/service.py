@@ -234,7 +234,7 @@ class BackupService:
             await self.context.store.close()
 
     async def ready(self) -> dict[str, bool]:
-        return {"intents": self._tasks.alive("intents")}
+        return {"intents": self._tasks.alive("intents"), "clusters": self._tasks.alive("clusters")}
 
     # Intents
 

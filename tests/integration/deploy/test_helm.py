@@ -306,9 +306,17 @@ def test_only_the_provisioner_gets_kubernetes_api_access(
         ("apps", "deployments"),
         ("policy", "poddisruptionbudgets"),
     ]
-    assert granted == {(g, r, v) for g, r in managed for v in manage} | {
-        ("", r, v) for r in ("pods", "nodes") for v in read
-    }
+    restore = {
+        ("apps", f"{r}/scale", v)
+        for r in ("statefulsets", "deployments")
+        for v in ("get", "patch", "update")
+    } | {("batch", "jobs", v) for v in manage}
+    assert (
+        granted
+        == {(g, r, v) for g, r in managed for v in manage}
+        | {("", r, v) for r in ("pods", "nodes") for v in read}
+        | restore
+    )
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "ClusterRole",
@@ -331,7 +339,7 @@ def test_only_the_provisioner_gets_kubernetes_api_access(
 
 def test_api_service_and_budget_select_only_api_pods(objs: list[dict[str, Any]]) -> None:
     found = deployments(objs)
-    (service,) = by_kind(objs, "Service")
+    service = one(objs, "Service", "nest-api")
     (budget,) = by_kind(objs, "PodDisruptionBudget")
     for selector in (service["spec"]["selector"], budget["spec"]["selector"]["matchLabels"]):
         for component, deployment in found.items():
@@ -387,3 +395,24 @@ def test_schema_refuses_incomplete_values(outcomes: dict[str, Any], broken: str,
     assert isinstance(outcome, helm.RenderError), f"{broken} rendered"
     assert "don't meet the specifications of the schema" in outcome.message
     assert says in outcome.message
+
+
+def test_restore_jobs_reach_the_backup_service_and_run_the_charts_image(
+    objs: list[dict[str, Any]],
+) -> None:
+    found = deployments(objs)
+    service = one(objs, "Service", "nest-backup")
+    labels = found["backup"]["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    for component, deployment in found.items():
+        own = deployment["spec"]["template"]["metadata"]["labels"]
+        assert (service["spec"]["selector"].items() <= own.items()) == (component == "backup")
+    (port,) = service["spec"]["ports"]
+    container = the_container(found["backup"])
+    listens = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = environment(objs, container)
+    assert listens[port["targetPort"]] == int(env["NEST_BACKUP_SERVE_PORT"])
+    assert env["NEST_BACKUP_SERVE_HOST"] == "0.0.0.0"
+    namespace = service["metadata"].get("namespace", "nest")  # the release's namespace
+    assert env["NEST_BACKUP_PUBLIC_URL"] == f"http://nest-backup.{namespace}.svc:{port['port']}"
+    assert env["NEST_IMAGE"] == container["image"]

@@ -35,7 +35,12 @@ from libs.common.contract.cluster import ClusterDeclared, ClusterDeleted
 from libs.common.secrets import Sealer
 from libs.common.settings import Settings
 from services.backup import artifacts
-from services.backup.catalog import CLUSTERS_BUCKET, LOCATIONS_BUCKET, POLICIES_BUCKET
+from services.backup.catalog import (
+    CLUSTERS_BUCKET,
+    LOCATIONS_BUCKET,
+    POLICIES_BUCKET,
+    Catalog,
+)
 from services.backup.service import BackupService
 from services.backup.state import (
     LEASES_BUCKET,
@@ -572,3 +577,25 @@ async def test_drill_schedule_drills_the_newest_backup(
     assert passed["policyId"] == "drilled"
     assert passed["locationId"] == "loc-disk"
     assert passed["tableRows"]["clusters"] == 1
+
+
+async def test_catalog_takes_only_newer_generations_and_keeps_deletions(clean: Bus) -> None:
+    """Redelivered, re-staged (API restart) and out-of-order messages leave the newest copy."""
+    catalog = await Catalog.open(clean)
+    assert await catalog.apply(policy("p", "l", generation=2, schedule="0 2 * * *"))
+    assert not await catalog.apply(policy("p", "l", generation=2, schedule="0 9 * * *"))
+    assert not await catalog.apply(policy("p", "l", generation=1, schedule="0 1 * * *"))
+    held = await catalog.policy("p")
+    assert held is not None
+    assert (held.generation, held.spec and held.spec.schedule) == (2, "0 2 * * *")
+    assert await catalog.apply(DeleteBackupPolicy(policy_id="p", generation=2))
+    assert not await catalog.apply(policy("p", "l", generation=3))  # ids are never reused
+    assert await catalog.policy("p") is None
+    assert await catalog.policies() == []
+
+    assert await catalog.apply(local_location(Path("/tmp/x"), "l"))
+    assert not await catalog.apply(local_location(Path("/tmp/y"), "l"))  # same generation
+    location = await catalog.location("l")
+    assert location is not None
+    assert location.location is not None
+    assert location.location.spec.path == "/tmp/x"

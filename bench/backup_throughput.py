@@ -103,6 +103,13 @@ async def child_restore(spec: dict[str, object]) -> dict[str, object]:
 
 
 def run_child(kind: str, spec: dict[str, object]) -> dict[str, object]:
+    if os.environ.get("NEST_BENCH_CHILD_SCRIPT"):
+        subprocess.run(
+            [sys.executable, os.environ["NEST_BENCH_CHILD_SCRIPT"]],
+            input=json.dumps(spec).encode(),
+            check=False,
+            cwd=ROOT,
+        )
     output = subprocess.run(
         [sys.executable, __file__, "--child", kind],
         input=json.dumps(spec).encode(),
@@ -113,10 +120,29 @@ def run_child(kind: str, spec: dict[str, object]) -> dict[str, object]:
     return json.loads(output.stdout.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def high_water_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries a forking parent's peak
+    over fork and execve into the child's ru_maxrss, so a child of this (~110 MiB) parent
+    could never report less than the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_main(kind: str) -> None:
     spec = json.loads(sys.stdin.read())
+    baseline = high_water_mib()
+    traced = os.environ.get("NEST_BENCH_TRACEMALLOC") == "1"
+    if traced:
+        import tracemalloc
+
+        tracemalloc.start(8)
     result = asyncio.run(child_backup(spec) if kind == "backup" else child_restore(spec))
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = high_water_mib()
+    result["imports_rss_mib"] = baseline
+    if traced:
+        result["traced_peak_mib"] = tracemalloc.get_traced_memory()[1] / 2**20
     print(json.dumps(result))
 
 
@@ -196,7 +222,13 @@ def main() -> None:
                     f"backup  {transport:7} {label:9} verify={'on ' if verify else 'off'} "
                     f"{mb:7.1f} MB in {result['seconds']:.2f} s = "
                     f"{mb / float(result['seconds']):6.1f} MB/s, "  # type: ignore[arg-type]
-                    f"peak RSS {result['peak_rss_mib']:.0f} MiB"
+                    f"peak RSS {result['peak_rss_mib']:.0f} MiB "
+                    f"(after imports {result['imports_rss_mib']:.0f} MiB"
+                    + (
+                        f", Python peak {result['traced_peak_mib']:.0f} MiB)"
+                        if "traced_peak_mib" in result
+                        else ")"
+                    )
                 )
             for encrypted, ref in refs.items():
                 label = "encrypted" if encrypted else "plain"

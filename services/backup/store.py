@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import ipaddress
 import logging
 import os
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from services.backup import errors
-from services.backup.streams import collect, iterate, rechunk
+from services.backup.streams import collect, file_size, iterate, rechunk_files
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -449,22 +450,22 @@ class S3Store:
     async def put(self, key: str, chunks: AsyncIterable[bytes]) -> int:
         full = self._key(key)
         client = await self.client()
-        parts = rechunk(chunks, self.config.part_size)
+        parts = rechunk_files(chunks, self.config.part_size)
         first = await anext(parts, None)
         second = None if first is None else await anext(parts, None)
         if second is None:
-            body = first or b""
+            body = first or io.BytesIO()
             try:
                 await client.put_object(Bucket=self.config.bucket, Key=full, Body=body)
             except Exception as exc:
                 raise translate(exc, f"put {full}") from exc
-            return len(body)
+            return file_size(body)
         try:
             created = await client.create_multipart_upload(Bucket=self.config.bucket, Key=full)
         except Exception as exc:
             raise translate(exc, f"start upload {full}") from exc
         upload_id = str(created["UploadId"])
-        head = [first or b"", second]
+        head = [first or io.BytesIO(), second]
         first = second = None  # the list owns them now; each is freed once uploaded
         try:
             return await self._upload_parts(client, full, upload_id, head, parts)
@@ -483,13 +484,13 @@ class S3Store:
         client: Any,
         full: str,
         upload_id: str,
-        head: list[bytes],
-        rest: AsyncIterator[bytes],
+        head: list[io.BytesIO],
+        rest: AsyncIterator[io.BytesIO],
     ) -> int:
         slots = asyncio.Semaphore(self.config.upload_concurrency)
         tasks: list[asyncio.Task[dict[str, Any]]] = []
 
-        async def upload(number: int, body: bytes) -> dict[str, Any]:
+        async def upload(number: int, body: io.BytesIO) -> dict[str, Any]:
             try:
                 response = await client.upload_part(
                     Bucket=self.config.bucket,
@@ -517,7 +518,7 @@ class S3Store:
                     slots.release()
                     break
                 number += 1
-                total += len(body)
+                total += file_size(body)
                 tasks.append(asyncio.create_task(upload(number, body)))
                 del body
             done = await asyncio.gather(*tasks)

@@ -7,7 +7,50 @@ bytes; nothing here holds more than one block at a time.
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import AsyncIterable, AsyncIterator
+
+
+async def rechunk_files(source: AsyncIterable[bytes], size: int) -> AsyncIterator[io.BytesIO]:
+    """Yield in-memory files of exactly `size` bytes (the last may be shorter, never empty),
+    positioned at 0, each the ONLY copy of its bytes.
+
+    For uploads: botocore wraps a `bytes` body in `io.BytesIO(body)`, which shares the bytes
+    until aiohttp asks for its buffer, and then copies it, so a part in flight would be held
+    twice. A file we filled ourselves owns its buffer, is passed on as is, and is sent from
+    that buffer. Each file is allocated once at its full size (no growth copies); only the
+    chunk that straddles a boundary is sliced, through a memoryview (no copy)."""
+    if size <= 0:
+        raise ValueError("size must be positive")
+    part: io.BytesIO | None = None
+    filled = 0
+    async for chunk in source:
+        view = memoryview(chunk)
+        while view:
+            if part is None:
+                part = io.BytesIO()
+                part.seek(size - 1)
+                part.write(b"\0")  # one allocation of the whole part
+                part.seek(0)
+            take = min(size - filled, len(view))
+            part.write(view[:take])
+            filled += take
+            view = view[take:]
+            if filled == size:
+                part.seek(0)
+                ready, part, filled = part, None, 0
+                yield ready
+                del ready
+    if part is not None and filled:
+        part.truncate(filled)
+        part.seek(0)
+        yield part
+
+
+def file_size(part: io.BytesIO) -> int:
+    """Bytes in an in-memory file (without copying them)."""
+    with part.getbuffer() as view:
+        return view.nbytes
 
 
 async def rechunk(source: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:

@@ -136,10 +136,6 @@ class Restores:
             self._run(cluster_id), name=f"restore-{cluster_id}"
         )
 
-    def running(self, cluster_id: str) -> bool:
-        task = self._tasks.get(cluster_id)
-        return task is not None and not task.done()
-
     async def stop(self) -> None:
         self._stopping = True
         tasks = [task for task in self._tasks.values() if not task.done()]

@@ -277,3 +277,44 @@ async def test_a_restore_interrupted_by_a_restart_resumes(
     volume = kubelet.volume(namespace, manifests.etcd_member_volume_claim(0))
     revision, keys = restored_keys(tmp_path / "etcd", volume / "data", "etcd-0")
     assert (revision, keys) == (snapshot.revision, snapshot.keys)
+
+
+async def test_three_members_each_get_their_own_job_and_volume(
+    api: httpx.AsyncClient,
+    bus: Bus,
+    provisioner: ProvisionerService,
+    management: ManagementCluster,
+    kubelet: JobKubelet,
+    snapshot: Snapshot,
+    snapshot_url: str,
+) -> None:
+    response = await api.post(
+        "/api/v1/clusters", json={"name": "trio", "spec": {"datastore": {"replicas": 3}}}
+    )
+    assert response.status_code == 201, response.text
+    cluster_id = str(response.json()["id"])
+    await wait_cluster(api, cluster_id, phase("Ready"))
+    namespace = names.namespace_for("trio")
+    recorder = Recorder(management)
+    await recorder.subscribe(bus)
+    await bus.publish(
+        restore_intent(cluster_id, "r-3", snapshot_url, snapshot), source="test", subject=cluster_id
+    )
+    await recorder.wait_phase("r-3", "Succeeded")
+    assert sorted((r.name, r.returncode) for r in kubelet.runs) == [
+        (manifests.restore_job_name("r-3", n), 0) for n in range(3)
+    ], [r.output for r in kubelet.runs]
+    assert recorder.scales == [
+        ("deployments", 0),
+        ("statefulsets", 0),
+        ("statefulsets", 3),
+        ("deployments", 2),
+    ]
+    for ordinal in range(3):
+        volume = kubelet.volume(namespace, manifests.etcd_member_volume_claim(ordinal))
+        assert (volume / ".nest-restore").read_text().strip() == "r-3"
+        assert (volume / "data" / "member" / "snap" / "db").is_file()
+        # Each member was restored under its own name and peer URL.
+        run = next(r for r in kubelet.runs if r.name.endswith(f"-{ordinal}"))
+        assert f"--name=etcd-{ordinal}" in run.argv
+    assert_no_restore_objects(management, namespace)

@@ -49,6 +49,12 @@ _TARGET = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$")
 _RANK = {"Running": 0, "Completed": 1, "Failed": 1, "Pruned": 2}
 
 
+def _storable(*values: str | None) -> bool:
+    """Whether these could be stored at all: PostgreSQL refuses a NUL in a text parameter (a
+    500 if sent), and no stored id or name holds one, so such a value matches nothing."""
+    return not any(value is not None and "\x00" in value for value in values)
+
+
 def _invalid(field: str, message: str) -> InvalidInput:
     return InvalidInput(
         f"invalid input: {field}: {message}", errors=[FieldError(field=field, message=message)]
@@ -56,7 +62,7 @@ def _invalid(field: str, message: str) -> InvalidInput:
 
 
 async def _check_policy(session: AsyncSession, policy_id: str) -> None:
-    if await policies.get(session, policy_id) is None:
+    if not _storable(policy_id) or await policies.get(session, policy_id) is None:
         raise _invalid("policyId", f"backup policy {policy_id!r} does not exist")
 
 
@@ -67,10 +73,13 @@ async def request_backup(
         raise _invalid("locationId", "give policyId or locationId, not both")
     if body.policy_id is not None:
         await _check_policy(session, body.policy_id)
-    if body.location_id is not None and await locations.get(session, body.location_id) is None:
+    if body.location_id is not None and (
+        not _storable(body.location_id) or await locations.get(session, body.location_id) is None
+    ):
         raise _invalid("locationId", f"backup location {body.location_id!r} does not exist")
     if body.target == "cluster":
-        cluster = await clusters.get(session, body.cluster_id or "")
+        storable = _storable(body.cluster_id)
+        cluster = await clusters.get(session, body.cluster_id or "") if storable else None
         if cluster is None:
             raise _invalid("clusterId", f"cluster {body.cluster_id!r} does not exist")
         if cluster.deletion_requested_at is not None:
@@ -143,7 +152,7 @@ def to_read(row: Backup) -> BackupRead:
 
 
 async def get(session: AsyncSession, backup_id: str) -> BackupRead:
-    row = await repository.get(session, backup_id)
+    row = await repository.get(session, backup_id) if _storable(backup_id) else None
     if row is None:
         raise NotFound(f"backup {backup_id!r} not found")
     return to_read(row)
@@ -164,6 +173,8 @@ async def list_backups(
     if cursor:
         position = Cursor.decode(cursor)
         after = (position.created_at, position.id)
+    if not _storable(target, cluster_id, policy_id, location_id, after[1] if after else None):
+        return Page[BackupRead](items=[], next=None)
     rows = await repository.list_page(
         session,
         limit=limit,

@@ -276,6 +276,11 @@ class TestList:
         assert bad.status_code == 422 and fields(bad) == ["state"]
         bad = await api.get(URL, params={"cursor": "not-a-cursor"})
         assert bad.status_code == 422 and fields(bad) == ["cursor"]
+        # A NUL matches nothing (PostgreSQL would refuse it in a query: never a 500).
+        for name in ("target", "clusterId", "policyId", "locationId"):
+            nul = await api.get(URL, params={name: "a\x00b"})
+            assert nul.status_code == 200 and nul.json()["items"] == [], (name, nul.text)
+        assert (await api.get(f"{URL}/a%00b")).status_code == 404
 
         seen: list[str] = []
         response = await api.get(URL, params={"limit": 3, "target": "foundry"})
@@ -369,4 +374,11 @@ class TestRequest:
         assert response.status_code == 422 and fields(response) == ["locationId"]
         response = await api.post(URL, json={"target": "foundry", "locationId": "x" * 65})
         assert response.status_code == 422 and fields(response) == ["locationId"]
+        for field, body in (
+            ("policyId", {"target": "foundry", "policyId": "a\x00"}),
+            ("locationId", {"target": "foundry", "locationId": "a\x00"}),
+            ("clusterId", {"target": "cluster", "clusterId": "a\x00"}),
+        ):
+            response = await api.post(URL, json=body)
+            assert response.status_code == 422 and fields(response) == [field], response.text
         assert await backup_intents(bus, 1, timeout=1.0) == []

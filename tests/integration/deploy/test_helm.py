@@ -28,6 +28,7 @@ KUBE_VERSIONS = ("1.33", "1.37")
 REQUIRED: dict[str, Any] = {
     "nats": {"url": "nats://nats.nats.svc:4222"},
     "database": {"existingSecret": "nest-database"},
+    "secretsKey": {"existingSecret": "nest-secrets-key"},
 }
 S3 = {
     "enabled": True,
@@ -51,9 +52,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
 }
 BROKEN: dict[str, dict[str, Any]] = {
-    "no-nats": {"database": REQUIRED["database"]},
+    "no-nats": {"database": REQUIRED["database"], "secretsKey": REQUIRED["secretsKey"]},
     "nats-not-a-url": REQUIRED | {"nats": {"url": "localhost:4222"}},
-    "no-database": {"nats": REQUIRED["nats"]},
+    "no-database": {"nats": REQUIRED["nats"], "secretsKey": REQUIRED["secretsKey"]},
+    "no-secrets-key": {"nats": REQUIRED["nats"], "database": REQUIRED["database"]},
     "s3-without-bucket": REQUIRED | {"backup": {"s3": {"enabled": True, "existingSecret": "x"}}},
 }
 SECRET_SETTINGS = {
@@ -62,6 +64,7 @@ SECRET_SETTINGS = {
     "NEST_BACKUP_S3_ACCESS_KEY_ID",
     "NEST_BACKUP_S3_SECRET_ACCESS_KEY",
     "NEST_BACKUP_ENCRYPTION_KEYS",
+    "NEST_SECRETS_KEY",
 }
 STANDARD_LABELS = (
     "app.kubernetes.io/name",
@@ -225,10 +228,17 @@ def test_secrets_come_only_from_secret_refs(value_set: str, objs: list[dict[str,
     values = VALUE_SETS[value_set]
     (config_map,) = by_kind(objs, "ConfigMap")
     assert not SECRET_SETTINGS & set(config_map["data"])
+    sealing = ("nest-secrets-key", "secrets-key")
     expected: dict[str, dict[str, tuple[str, str]]] = {
-        "api": {"NEST_DATABASE_URL": ("nest-database", "database-url")},
+        "api": {
+            "NEST_DATABASE_URL": ("nest-database", "database-url"),
+            "NEST_SECRETS_KEY": sealing,
+        },
         "provisioner": {},
-        "backup": {"NEST_DATABASE_URL": ("nest-database", "database-url")},
+        "backup": {
+            "NEST_DATABASE_URL": ("nest-database", "database-url"),
+            "NEST_SECRETS_KEY": sealing,
+        },
     }
     if token := values.get("adminToken"):
         expected["api"]["NEST_ADMIN_TOKEN"] = (token["existingSecret"], token["key"])

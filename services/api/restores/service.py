@@ -7,7 +7,8 @@ stages the snapshot, the provisioner restores every etcd member; both report eac
 
 Projection is idempotent and order-tolerant: a phase is applied only if it is further along
 than the one held (Failed is further than anything unfinished), so a redelivered or late
-event never moves a restore back, and nothing moves a restore that Succeeded or Failed.
+event never moves a restore back, and nothing moves a restore that Succeeded or Failed; the
+history still records a late phase in its place.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ RANK = {
 }
 
 
+def _storable(*values: str | None) -> bool:
+    """Whether these could be stored at all: PostgreSQL refuses a NUL in a text parameter (a
+    500 if sent), and no stored id holds one, so such a value matches nothing."""
+    return not any(value is not None and "\x00" in value for value in values)
+
+
 def _invalid(field: str, message: str) -> InvalidInput:
     return InvalidInput(
         f"invalid input: {field}: {message}", errors=[FieldError(field=field, message=message)]
@@ -61,7 +68,7 @@ def _invalid(field: str, message: str) -> InvalidInput:
 async def request_restore(
     session: AsyncSession, cluster_id: str, body: RestoreCreate, notify: Notify
 ) -> RestoreRead:
-    cluster = await clusters.get(session, cluster_id)
+    cluster = await clusters.get(session, cluster_id) if _storable(cluster_id) else None
     if cluster is None:
         raise NotFound(f"cluster {cluster_id!r} not found")
     if cluster.deletion_requested_at is not None:
@@ -154,13 +161,13 @@ def to_read(row: Restore) -> RestoreRead:
 
 
 async def _cluster(session: AsyncSession, cluster_id: str) -> None:
-    if await clusters.get(session, cluster_id) is None:
+    if not _storable(cluster_id) or await clusters.get(session, cluster_id) is None:
         raise NotFound(f"cluster {cluster_id!r} not found")
 
 
 async def get(session: AsyncSession, cluster_id: str, restore_id: str) -> RestoreRead:
     await _cluster(session, cluster_id)
-    row = await repository.get(session, restore_id)
+    row = await repository.get(session, restore_id) if _storable(restore_id) else None
     if row is None or row.cluster_id != cluster_id:
         raise NotFound(f"restore {restore_id!r} of cluster {cluster_id!r} not found")
     return to_read(row)
@@ -174,6 +181,8 @@ async def list_restores(
     if cursor:
         position = Cursor.decode(cursor)
         after = (position.created_at, position.id)
+    if not _storable(after[1] if after else None):
+        return Page[RestoreRead](items=[], next=None)
     rows = await repository.list_page(session, cluster_id, limit=limit, after=after)
     items = [to_read(row) for row in rows[:limit]]
     following = None
@@ -187,25 +196,41 @@ async def list_restores(
 
 
 async def apply_progress(session: AsyncSession, event: RestoreProgressed) -> bool:
-    """Move the restore to the event's phase if that is further along; True if it changed."""
+    """Project one progress event; True if the restore changed.
+
+    The phase (with reason, message, revision) moves only forward, and never once the restore
+    Succeeded or Failed. The history records each phase reported, once, in phase order, also
+    when its event arrives after a later one (the projector handles events concurrently), but
+    never a second outcome."""
     row = await repository.get(session, event.restore_id, for_update=True)
     if row is None:
         log.info("ignoring progress of an unknown restore", extra={"restoreId": event.restore_id})
         return False
-    if row.phase in TERMINAL_RESTORE_PHASES or RANK[event.phase] <= RANK[row.phase]:
-        return False
-    row.phase = event.phase
-    row.reason = event.reason
-    row.message = event.message
-    if event.etcd_revision is not None:
+    changed = False
+    history = list(row.history or [])
+    seen = {step["phase"] for step in history}
+    outcome_known = bool(seen & TERMINAL_RESTORE_PHASES)
+    if event.phase not in seen and not (event.phase in TERMINAL_RESTORE_PHASES and outcome_known):
+        step = RestoreStep(
+            phase=event.phase, at=event.at, reason=event.reason, message=event.message
+        ).model_dump(mode="json", by_alias=True)
+        row.history = sorted([*history, step], key=lambda item: RANK[item["phase"]])
+        changed = True
+    if row.phase not in TERMINAL_RESTORE_PHASES and RANK[event.phase] > RANK[row.phase]:
+        row.phase = event.phase
+        row.reason = event.reason
+        row.message = event.message
+        if event.phase in TERMINAL_RESTORE_PHASES:
+            row.finished_at = event.at
+            row.active_cluster_id = None
+        changed = True
+    if event.etcd_revision is not None and row.etcd_revision != event.etcd_revision:
+        # The snapshot's own revision (every event of a restore that carries one agrees),
+        # whatever the order the events arrive in; before it, the backup's.
         row.etcd_revision = event.etcd_revision
-    step = RestoreStep(
-        phase=event.phase, at=event.at, reason=event.reason, message=event.message
-    ).model_dump(mode="json", by_alias=True)
-    row.history = [*(row.history or []), step]
+        changed = True
+    if not changed:
+        return False
     row.updated_at = utcnow()
-    if event.phase in TERMINAL_RESTORE_PHASES:
-        row.finished_at = event.at
-        row.active_cluster_id = None
     await session.commit()
     return True

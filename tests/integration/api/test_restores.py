@@ -128,6 +128,13 @@ class TestRestores:
             "/api/v1/clusters/no-such-cluster/restores", json={"backupId": good}
         )
         assert missing.status_code == 404
+        # A NUL matches nothing (PostgreSQL would refuse it in a query: never a 500).
+        nul = await api.post("/api/v1/clusters/a%00b/restores", json={"backupId": good})
+        assert nul.status_code == 404, nul.text
+        assert (await api.get("/api/v1/clusters/a%00b/restores")).status_code == 404
+        assert (await api.get(f"{url}/a%00b")).status_code == 404
+        nul_id = await api.post(url, json={"backupId": "20260101T000000Z-0a1b2c3d\x00"})
+        assert nul_id.status_code == 422 and fields(nul_id) == ["backupId"], nul_id.text
 
         intents: list[dict[str, Any]] = []
 
@@ -229,7 +236,10 @@ class TestRestores:
         # Nothing moves a finished restore, not even a later phase.
         await bus.publish(progressed(restore, "Succeeded"), source="provisioner", subject="x")
         await asyncio.sleep(0.3)
-        assert (await api.get(path)).json()["phase"] == "Failed"
+        final = (await api.get(path)).json()
+        assert final["phase"] == "Failed" and final["reason"] == "JobFailed"
+        assert [s["phase"] for s in final["history"]][-1] == "Failed"
+        assert "Succeeded" not in [s["phase"] for s in final["history"]]
 
         # Finished: the cluster may be restored again, and that one can succeed.
         second = await api.post(url, json={"backupId": good, "force": True})

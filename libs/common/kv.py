@@ -30,6 +30,21 @@ async def open_bucket(bus: Bus, config: KeyValueConfig) -> KeyValue:
         return await js.key_value(str(config.bucket))
 
 
+async def bucket_keys(kv: KeyValue) -> list[str]:
+    """Every key that has an entry in the bucket, deleted ones included (their entry is the
+    delete marker: `get` tells them apart), sorted.
+
+    Not `KeyValue.keys()`: nats-py lists keys with a watcher that ends as soon as the server says
+    nothing is pending, which it already says while the delivered entries are still unread in
+    this process's socket, so under load `keys()` answers "no keys" for a full bucket. The
+    stream's per-subject state is one authoritative answer from the server.
+    """
+    prefix = f"$KV.{kv._name}."
+    info = await kv._js.stream_info(kv._stream, subjects_filter=f"{prefix}>")
+    subjects = info.state.subjects or {}
+    return sorted(subject[len(prefix) :] for subject in subjects)
+
+
 class Leases:
     """Named leases in one bucket whose TTL is the lease time."""
 

@@ -36,7 +36,7 @@ from libs.common.contract.backup_policy import (
 )
 from libs.common.contract.base import WireModel
 from libs.common.contract.cluster import ClusterDeclared, ClusterDeleted
-from libs.common.kv import open_bucket
+from libs.common.kv import bucket_keys, open_bucket
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,7 @@ class _Entries(Generic[E]):
         raise RuntimeError(f"catalog entry {key!r} kept changing; giving up for now")
 
     async def all(self) -> list[E]:
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+        keys = await bucket_keys(self.kv)
         found: list[E] = []
         for key in keys:
             entry, _ = await self.get(key)

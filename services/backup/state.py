@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from libs.common.bus import Bus
 from libs.common.contract.backup import BackupKind
 from libs.common.contract.base import WireModel
-from libs.common.kv import Leases, open_bucket
+from libs.common.kv import Leases, bucket_keys, open_bucket
 
 SCHEDULES_BUCKET = "nest_backup_schedules"
 LEASES_BUCKET = "nest_backup_leases"
@@ -67,10 +67,7 @@ class Schedules:
 
     async def all(self) -> list[tuple[ScheduleRecord, int]]:
         """Every valid record with its revision (malformed entries are skipped)."""
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+        keys = await bucket_keys(self.kv)
         found: list[tuple[ScheduleRecord, int]] = []
         for key in keys:
             entry = await self.get(key)
@@ -150,10 +147,7 @@ class RpoBook:
             return None
 
     async def keys(self) -> list[str]:
-        try:
-            return list(await self.kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+        return await bucket_keys(self.kv)
 
     async def put(self, record: RpoRecord, revision: int | None) -> bool:
         data = record.model_dump_json(by_alias=True).encode()

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from libs.common.bus import Bus
 from libs.common.contract.cluster import ClusterEndpoint, Condition, ReconcileCluster
 from libs.common.contract.restore import RestoreEtcd
-from libs.common.kv import Leases, open_bucket
+from libs.common.kv import Leases, bucket_keys, open_bucket
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,7 @@ class ClusterStore:
         await self.kv.put(record.cluster_id, record.model_dump_json().encode())
 
     async def ids(self) -> list[str]:
-        try:
-            keys: list[str] = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        return keys
+        return await bucket_keys(self.kv)
 
 
 async def open_leases(bus: Bus, ttl_seconds: float) -> Leases:

@@ -276,8 +276,11 @@ class TestCrash:
         await bus.connect()
         await reset_buckets(bus)
         await bus.close()
-        # Slow Secret writes, so the kill lands in the middle of the first pass.
-        slow = management.emulator.fail("PATCH", "/secrets/", status=None, delay=0.3, times=None)
+        # Slow writes of Secrets and of the workloads after them, so the kill lands in the
+        # middle of the first pass: after some Secrets, before the control-plane Deployment.
+        slow = management.emulator.fail(
+            "PATCH", "/(secrets|statefulsets|deployments)/", status=None, delay=0.3, times=None
+        )
         first = provisioner_process(env, tmp_path / "first.log")
         try:
             created = await create(api, "crashy")

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.backups import backups_app
 from cli.client import ApiClient, ApiError, save_token
 from cli.restore import app as restore_app
 from libs.common.settings import Settings, SettingsError, load_settings
@@ -24,6 +25,7 @@ app.add_typer(clusters_app, name="clusters")
 token_app = typer.Typer(help="Manage API tokens (admin).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(restore_app, name="restore")
+app.add_typer(backups_app, name="backups")
 
 console = Console()
 errors = Console(stderr=True)

@@ -78,3 +78,31 @@ def test_token_commands_and_login(live_api: str, tmp_path: Path) -> None:
     revoked = nest(live_api, "token", "revoke", token_id)
     assert revoked.returncode == 0 and "revoked" in revoked.stdout
     assert nest(live_api, "clusters", "list", token=secret).returncode == 1
+
+
+def test_backup_commands(live_api: str) -> None:
+    created = nest(live_api, "clusters", "create", "cli-backed")
+    assert created.returncode == 0, created.stderr
+    requested = nest(live_api, "backups", "run", "--cluster", "cli-backed")
+    assert requested.returncode == 0, requested.stderr
+    assert "cluster-cli-backed" in requested.stdout and "requested" in requested.stdout
+    foundry = nest(live_api, "backups", "run", "--foundry")
+    assert foundry.returncode == 0 and "foundry" in foundry.stdout
+    both = nest(live_api, "backups", "run", "--foundry", "--cluster", "cli-backed")
+    assert both.returncode == 2 and "exactly one" in both.stderr
+    unknown_policy = nest(live_api, "backups", "run", "--foundry", "--policy", "nope")
+    assert unknown_policy.returncode == 1 and "policyId" in unknown_policy.stderr
+    # No backup service runs here: nothing has been reported yet.
+    listed = nest(live_api, "backups", "list", "--cluster", "cli-backed")
+    assert listed.returncode == 0 and "No backups." in listed.stdout
+    restore = nest(
+        live_api,
+        "backups",
+        "restore",
+        "20260101T000000Z-0000abcd",
+        "--cluster",
+        "cli-backed",
+        "--yes",
+    )
+    assert restore.returncode == 1
+    assert "backupId" in restore.stderr and "Traceback" not in restore.stderr

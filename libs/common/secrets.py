@@ -91,3 +91,12 @@ def sealer_from_settings(settings: Settings) -> Sealer:
     if settings.secrets_key:
         return Sealer(settings.secrets_key.encode())
     return Sealer(load_key(settings.data_dir))
+
+
+def derived_key(settings: Settings, purpose: str) -> bytes:
+    """A 32-byte key for `purpose` (e.g. signing restore URLs), derived from the same master as
+    the sealer: stable across restarts and shared by every replica given the same key."""
+    master = settings.secrets_key.encode() if settings.secrets_key else load_key(settings.data_dir)
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=f"nest-{purpose}-v1".encode()
+    ).derive(master)

@@ -21,9 +21,9 @@ Any backup-domain error ends the restore with `Failed` and the error's reason
 `StagedSnapshots` serves the staged files: `GET /v1/restores/<restore id>/snapshot?expires=
 <unix seconds>&token=<hex HMAC-SHA256 over "<restore id>\\n<expires>">`, streamed from disk
 (never loaded into memory), 403 for a missing, wrong (compared in constant time) or expired
-token, 404 when nothing is staged. The HMAC key is random per process: a restarted service
-removes everything staged by its predecessor at start, whose URLs die with it. Files are also
-removed once their URL expired.
+token, 404 when nothing is staged. The HMAC key is derived from the secrets key
+(`NEST_SECRETS_KEY`), so a URL stays valid across a restart of the service, which at start
+removes only what expired and serves the rest. Files are removed once their URL expired.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import httpx
 
 from libs.common.bus import Bus
 from libs.common.contract.restore import PrepareRestore, RestoreEtcd, RestoreProgressed
+from libs.common.secrets import derived_key
 from libs.common.settings import Settings
 from services.backup import artifacts, crypto, errors, etcd
 from services.backup.layout import parse_ref
@@ -133,11 +134,14 @@ class StagedSnapshots:
         shutil.rmtree(self.path_for(restore_id).parent, ignore_errors=True)
 
     async def start(self) -> None:
-        """Remove what an earlier process staged (its URLs died with its key). The server
-        itself starts with the first restore (`serve`), so a replica that never stages one
-        never binds the port."""
-        await asyncio.to_thread(shutil.rmtree, self.directory, True)
+        """Remove what an earlier process staged whose URL expired, and serve the rest at once:
+        a restore Job may still be fetching it (the URL key is derived from the secrets key, so
+        it outlives the process). Otherwise the server starts with the first restore (`serve`),
+        so a replica that never stages one never binds the port."""
         await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self.sweep)
+        if await asyncio.to_thread(lambda: any(self.directory.iterdir())):
+            await self.serve()
 
     async def serve(self) -> None:
         """Serve the staged files (once; later calls return at once)."""
@@ -370,6 +374,9 @@ def staged_from_settings(settings: Settings) -> StagedSnapshots:
         port=settings.backup_serve_port,
         public_url=settings.backup_public_url,
         ttl=timedelta(seconds=settings.backup_restore_url_ttl_seconds),
+        # Derived from the secrets key: a URL handed to a restore Job stays valid across a
+        # restart of this service (the staged file survives it too, until it expires).
+        key=derived_key(settings, "restore-url"),
     )
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -244,10 +245,13 @@ async def test_an_older_snapshot_is_refused_unless_forced(
     assert outcome["phase"] == "Staged"
 
 
-async def test_staged_files_of_an_earlier_process_are_removed_at_start(tmp_path: Path) -> None:
+async def test_expired_staged_files_of_an_earlier_process_are_removed_at_start(
+    tmp_path: Path,
+) -> None:
     leftover = tmp_path / "restores" / "r-old" / "snapshot.db"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"x")
+    os.utime(leftover.parent, (0, 0))  # staged long ago: its URL expired
     staged = StagedSnapshots(tmp_path / "restores")
     await staged.start()
     await staged.serve()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -95,7 +96,8 @@ async def test_prepare_restore_intent_is_verified_staged_and_handed_on(
     responder = await bus.serve(ETCD_CLIENT_RPC_SUBJECT, issuer(etcd_server), queue="provisioner")
     leftover = tmp_path / "data" / "restores" / "r-before" / "snapshot.db"
     leftover.parent.mkdir(parents=True)
-    leftover.write_bytes(b"staged by a process that died")
+    leftover.write_bytes(b"staged by a process that died, long expired")
+    os.utime(leftover.parent, (0, 0))
     service = BackupService(settings_for(tmp_path, nats_url), tick_seconds=3600)
     try:
         async with (
@@ -104,7 +106,7 @@ async def test_prepare_restore_intent_is_verified_staged_and_handed_on(
         ):
             await service.start(bus)
             try:
-                assert not leftover.exists(), "staged files are removed at start"
+                assert not leftover.exists(), "expired staged files are removed at start"
                 await bus.publish(
                     RunBackup(target="cluster-demo", kind="etcd", cluster_id="c-1"),
                     source="test",

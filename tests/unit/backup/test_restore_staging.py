@@ -87,3 +87,40 @@ def test_the_sweep_removes_only_expired_staged_snapshots(tmp_path: Path) -> None
         os.utime(path.parent, (now - age, now - age))
     assert staged.sweep() == ["old"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh"]
+
+
+async def test_a_restarted_service_serves_what_is_still_valid_with_the_same_urls(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    import httpx
+
+    from libs.common.secrets import derived_key
+    from libs.common.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", secrets_key="s" * 40)
+    key = derived_key(settings, "restore-url")
+    assert key == derived_key(settings, "restore-url") != derived_key(settings, "other")
+    before = StagedSnapshots(tmp_path / "restores", key=key)
+    for name, age in (("old", 7200), ("fresh", 5)):
+        path = before.path_for(name)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"snapshot " + name.encode())
+        os.utime(path.parent, (time.time() - age, time.time() - age))
+    expires = int(time.time()) + 600
+    url = before.url_for("fresh", expires)
+
+    after = StagedSnapshots(tmp_path / "restores", key=key)  # the next process
+    await after.start()
+    try:
+        assert sorted(p.name for p in (tmp_path / "restores").iterdir()) == ["fresh"]
+        assert after._runner is not None  # serving at once: a Job may be fetching
+        port_url = url.replace(":0/", f":{after.port}/")
+        async with httpx.AsyncClient() as client:
+            response = await client.get(port_url)
+            assert response.status_code == 200 and response.content == b"snapshot fresh"
+            forged = port_url.replace(f"expires={expires}", f"expires={expires + 1}")
+            assert (await client.get(forged)).status_code == 403
+    finally:
+        await after.stop()

@@ -10,6 +10,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -61,25 +62,32 @@ def _when(value: str | None) -> str:
 
 
 def backup_table(items: list[dict[str, Any]]) -> Table:
-    table = Table()
-    for column in ("ID", "TARGET", "STATE", "TRIGGER", "SIZE", "ENC", "VERIFIED", "DRILL", "TIME"):
-        table.add_column(column)
+    table = Table(box=box.SIMPLE_HEAD)
+    # The id (which starts with the backup's UTC time) and the target are what a restore
+    # needs: never cut them; the checks may wrap.
+    table.add_column("ID", no_wrap=True, min_width=25)
+    table.add_column("TARGET", overflow="fold")
+    table.add_column("STATE", overflow="fold", min_width=9)
+    table.add_column("SIZE", no_wrap=True, min_width=9)
+    table.add_column("CHECKS", min_width=9)
     for item in items:
-        drill = item.get("lastDrill") or {}
-        drilled = "-" if not drill else ("passed" if drill.get("passed") else "FAILED")
         state = item["state"]
         if state == "Failed" and item.get("reason"):
-            state = f"Failed ({item['reason']})"
+            state = f"Failed: {item['reason']}"
+        checks = []
+        if item.get("verified"):
+            checks.append("verified")
+        if item.get("encrypted"):
+            checks.append("encrypted")
+        drill = item.get("lastDrill") or {}
+        if drill:
+            checks.append("drill-ok" if drill.get("passed") else "DRILL-FAILED")
         table.add_row(
             item["id"],
             item["target"],
             state,
-            item.get("trigger") or "-",
             _size(item.get("storedBytes")),
-            "yes" if item.get("encrypted") else "no",
-            "yes" if item.get("verified") else "no",
-            drilled,
-            _when(item.get("completedAt") or item.get("startedAt") or item.get("createdAt")),
+            ", ".join(checks) or "-",
         )
     return table
 

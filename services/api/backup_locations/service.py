@@ -121,24 +121,39 @@ async def create(
     if await repository.get_by_name(session, body.name) is not None:
         raise Conflict(f"a backup location named {body.name!r} already exists")
     await probe.probe(bus, body.spec)
-    now = utcnow()
     location_id = str(uuid.uuid4())
     secret = body.spec.secret_access_key
-    row = BackupLocation(
-        id=location_id,
-        name=body.name,
-        labels=dict(body.labels),
-        kind=body.spec.kind,
-        spec=_stored_spec(body.spec),
-        sealed_secret=sealer.seal(secret, context=_context(location_id)) if secret else None,
-        generation=1,
-        created_at=now,
-        updated_at=now,
-    )
-    repository.add(session, row)
-    stage_apply(session, row)
-    await policies.add_default_if_none(session, location_id)
-    await _commit(session, body.name)
+    sealed = sealer.seal(secret, context=_context(location_id)) if secret else None
+
+    def stage() -> BackupLocation:
+        now = utcnow()
+        row = BackupLocation(
+            id=location_id,
+            name=body.name,
+            labels=dict(body.labels),
+            kind=body.spec.kind,
+            spec=_stored_spec(body.spec),
+            sealed_secret=sealed,
+            generation=1,
+            created_at=now,
+            updated_at=now,
+        )
+        repository.add(session, row)
+        stage_apply(session, row)
+        return row
+
+    row = stage()
+    default = await policies.add_default_if_none(session, location_id)
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        if default is None:
+            raise Conflict(f"a backup location named {body.name!r} already exists") from None
+        # Another location created at the same instant brought the `default` policy first
+        # (its name is unique): keep that one, store this location without it.
+        row = stage()
+        await _commit(session, body.name)
     log.info("backup location created", extra={"locationId": row.id, "location": row.name})
     return to_read(row)
 

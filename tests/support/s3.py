@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -152,6 +153,17 @@ class SeaweedS3:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and _listening(self.ports["master.port"]):
             time.sleep(0.1)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """weed leaves `seaweedfs-<component>-<port>.sock` files in the temp directory (a
+        path of ours would be too long for a socket); remove the ones of this server's ports."""
+        ports = set(self.ports.values())
+        ports |= {port + 10000 for port in ports}  # the gRPC ports weed derives
+        for path in Path(tempfile.gettempdir()).glob("seaweedfs-*.sock"):
+            number = path.stem.rsplit("-", 1)[-1]
+            if number.isdigit() and int(number) in ports:
+                path.unlink(missing_ok=True)
 
     def client(self):  # type: ignore[no-untyped-def]
         import boto3

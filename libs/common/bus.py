@@ -384,6 +384,14 @@ class Consumer:
                 sub = None
                 await self._sleep(1.0)
                 continue
+            if self._stopping.is_set():
+                # Fetched while stopping: give them back at once (nak, no delay) instead of
+                # starting work drain() no longer waits for, which would leave them unacked
+                # for a whole ack_wait before another replica or the next start gets them.
+                for msg in msgs:
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                break
             batch = [asyncio.create_task(self._handle(msg)) for msg in msgs]
             self._inflight.tasks.update(batch)
             try:

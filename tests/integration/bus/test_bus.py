@@ -218,3 +218,27 @@ async def test_request_reply(bus: Bus) -> None:
         assert err.value.kind in {"unavailable", "timeout"}
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_message_fetched_while_stopping_is_given_back_at_once(bus: Bus) -> None:
+    # A long ack_wait: a message kept unacked by a stopping consumer would wait that long.
+    slow_spec = spec(ack_wait_seconds=60)
+    first_seen: list[str] = []
+    second_seen: list[str] = []
+
+    async def first(envelope: Envelope, delivery: Delivery) -> None:
+        first_seen.append(envelope.id)
+
+    async def second(envelope: Envelope, delivery: Delivery) -> None:
+        second_seen.append(envelope.id)
+
+    consumer = bus.consumer(slow_spec, first)
+    task = asyncio.create_task(consumer.run())
+    await asyncio.sleep(0.3)  # its fetch is waiting on the server
+    consumer.stop()
+    subject, envelope = intent("handed-back")
+    await bus.publish_envelope(subject, envelope)
+    await asyncio.wait_for(task, 5)
+    assert first_seen == []
+    async with running(bus, slow_spec, second):
+        await eventually(lambda: second_seen == [envelope.id], timeout=5)

@@ -40,6 +40,7 @@ from services.api.outbox.relay import OutboxRelay
 from services.api.projector import Projector
 from services.api.ratelimit import RateLimiter
 from services.api.restores.endpoints import router as restores_router
+from services.api.webhooks import service as webhooks_service
 from services.api.webhooks.delivery import DeliveryWorker
 from services.api.webhooks.endpoints import router as webhooks_router
 
@@ -109,6 +110,8 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.sessions, settings.data_dir, settings.admin_token
         )
         app.state.sealer = sealer_from_settings(settings)
+        async with app.state.sessions() as session:
+            await webhooks_service.seal_clear_secrets(session, app.state.sealer)
         # The backup service's copy of locations and policies converges even if it was lost.
         await backup_policies_sync.restage_all(app.state.sessions)
         app.state.bus = Bus(servers_from_url(settings.nats_url or ""), name="nest-api")
@@ -116,7 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.tasks = TaskSet()
         app.state.streams_ready = False
         app.state.projector = None
-        app.state.webhooks = DeliveryWorker(app.state.sessions, settings)
+        app.state.webhooks = DeliveryWorker(app.state.sessions, settings, sealer=app.state.sealer)
         app.state.events = EventFeed(
             app.state.sessions, settings, on_recorded=[app.state.webhooks.notify]
         )

@@ -208,8 +208,12 @@ class Webhook(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     url: Mapped[str] = mapped_column(String(2048))
     event_types: Mapped[list[str]] = mapped_column(JsonType, default=list)
-    secret: Mapped[str] = mapped_column(String(256))
-    """The HMAC key; needed in clear to sign, never returned after creation, never logged."""
+    secret: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    """Legacy: a clear-text HMAC key from before 0008, sealed into `sealed_secret` (and this
+    set to NULL) at the API's next start."""
+    sealed_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The HMAC key sealed by libs.common.secrets (context `webhook:<id>`): opened only to sign
+    a delivery; never returned after creation, never logged."""
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     generation: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

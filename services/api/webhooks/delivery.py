@@ -25,9 +25,11 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from libs.common.secrets import SealedSecretError, Sealer, sealer_from_settings
 from libs.common.settings import Settings
 from services.api.models import utcnow
 from services.api.webhooks import repository, signing
+from services.api.webhooks.service import secret_context
 from services.api.webhooks.targets import RefusedTarget, check_resolved
 
 log = logging.getLogger(__name__)
@@ -91,8 +93,10 @@ class DeliveryWorker:
         settings: Settings,
         *,
         owner: str | None = None,
+        sealer: Sealer | None = None,
     ) -> None:
         self.sessions = sessions
+        self.sealer = sealer or sealer_from_settings(settings)
         self.max_attempts = settings.webhook_max_attempts
         self.base_backoff = settings.webhook_backoff_seconds
         self.timeout = settings.webhook_timeout_seconds
@@ -170,7 +174,15 @@ class DeliveryWorker:
                 job = await repository.job(session, delivery_id, self.owner)
             if job is None:
                 return
-            outcome = await self.send(client, job.url, job.secret, job.envelope, delivery_id)
+            secret = self._secret(job)
+            if secret is None:
+                outcome = Outcome(
+                    delivered=False,
+                    retryable=False,
+                    error="the webhook's signing secret does not open: NEST_SECRETS_KEY changed",
+                )
+            else:
+                outcome = await self.send(client, job.url, secret, job.envelope, delivery_id)
             await self._record(job, outcome)
         except asyncio.CancelledError:
             raise
@@ -184,6 +196,19 @@ class DeliveryWorker:
                 self._in_flight.pop(webhook_id, None)
             self.attempted += 1
             self._wake.set()
+
+    def _secret(self, job: repository.Job) -> str | None:
+        """The signing secret in clear, for this attempt only (never kept, never logged)."""
+        if job.sealed_secret is not None:
+            try:
+                opened = self.sealer.open(job.sealed_secret, context=secret_context(job.webhook_id))
+            except SealedSecretError:
+                opened = None
+            else:
+                return opened
+            log.error("webhook secret does not open", extra={"webhookId": job.webhook_id})
+            return opened
+        return job.legacy_secret
 
     async def send(
         self,

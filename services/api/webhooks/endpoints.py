@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response, status
 
+from libs.common.secrets import Sealer
 from services.api.auth.dependencies import AdminDep
 from services.api.db import SessionDep
 from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
@@ -20,6 +21,14 @@ from services.api.webhooks.schemas import (
     WebhookPatch,
     WebhookRead,
 )
+
+
+def _sealer(request: Request) -> Sealer:
+    sealer: Sealer = request.app.state.sealer
+    return sealer
+
+
+SealerDep = Annotated[Sealer, Depends(_sealer)]
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
@@ -38,9 +47,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     summary="Create a webhook",
     responses={409: {"model": Problem, "description": "The name is taken."}, **ERRORS},
 )
-async def create_webhook(body: WebhookCreate, session: SessionDep, admin: AdminDep) -> Response:
+async def create_webhook(
+    body: WebhookCreate, session: SessionDep, admin: AdminDep, sealer: SealerDep
+) -> Response:
     """Subscribe a URL to events. The signing secret is in this response only."""
-    created = await service.create(session, body)
+    created = await service.create(session, sealer, body)
     return ModelResponse(
         created, status.HTTP_201_CREATED, headers={"Location": f"/api/v1/webhooks/{created.id}"}
     )
@@ -85,9 +96,10 @@ async def patch_webhook(
     body: Annotated[WebhookPatch, Body(media_type="application/merge-patch+json")],
     session: SessionDep,
     admin: AdminDep,
+    sealer: SealerDep,
 ) -> Response:
     """Merge `labels` and `spec`; `spec.secret` rotates the secret (not echoed back)."""
-    return ModelResponse(await service.patch(session, webhook_id, body))
+    return ModelResponse(await service.patch(session, sealer, webhook_id, body))
 
 
 @router.delete(

@@ -147,7 +147,8 @@ class Job:
     delivery_id: str
     webhook_id: str
     url: str
-    secret: str
+    sealed_secret: str | None
+    legacy_secret: str | None
     attempts: int
     envelope: dict[str, Any]
 
@@ -160,6 +161,7 @@ async def job(session: AsyncSession, delivery_id: str, owner: str) -> Job | None
                 WebhookDelivery.id,
                 WebhookDelivery.webhook_id,
                 Webhook.url,
+                Webhook.sealed_secret,
                 Webhook.secret,
                 WebhookDelivery.attempts,
                 EventRecord.envelope,
@@ -171,7 +173,12 @@ async def job(session: AsyncSession, delivery_id: str, owner: str) -> Job | None
     ).first()
     if row is None:
         return None
-    return Job(row[0], row[1], row[2], row[3], row[4], dict(row[5]))
+    return Job(row[0], row[1], row[2], row[3], row[4], row[5], dict(row[6]))
+
+
+async def with_clear_secret(session: AsyncSession) -> Sequence[Webhook]:
+    """Webhooks whose secret is still stored in clear (from before secrets were sealed)."""
+    return (await session.scalars(select(Webhook).where(Webhook.secret.is_not(None)))).all()
 
 
 async def finish(

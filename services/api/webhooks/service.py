@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common.contract.cluster import validate_labels
+from libs.common.secrets import Sealer
 from services.api.events.filters import TypePattern, matches_any, parse_patterns
 from services.api.merge_patch import merge_patch
 from services.api.models import Webhook, WebhookDelivery, utcnow
@@ -98,18 +99,38 @@ async def _require(session: AsyncSession, webhook_id: str) -> Webhook:
     return row
 
 
-async def create(session: AsyncSession, body: WebhookCreate) -> WebhookCreated:
+def secret_context(webhook_id: str) -> str:
+    """What a webhook's sealed secret is bound to: it opens for this webhook only."""
+    return f"webhook:{webhook_id}"
+
+
+async def seal_clear_secrets(session: AsyncSession, sealer: Sealer) -> int:
+    """Seal the secrets stored in clear before 0008 (at the API's start); how many."""
+    rows = await repository.with_clear_secret(session)
+    for row in rows:
+        assert row.secret is not None
+        row.sealed_secret = sealer.seal(row.secret, context=secret_context(row.id))
+        row.secret = None
+    if rows:
+        await session.commit()
+        log.info("sealed webhook secrets stored in clear", extra={"count": len(rows)})
+    return len(rows)
+
+
+async def create(session: AsyncSession, sealer: Sealer, body: WebhookCreate) -> WebhookCreated:
     if await repository.get_by_name(session, body.name) is not None:
         raise Conflict(f"a webhook named {body.name!r} already exists")
     secret = body.spec.secret or generate_secret()
     now = utcnow()
+    webhook_id = str(uuid.uuid4())
     row = Webhook(
-        id=str(uuid.uuid4()),
+        id=webhook_id,
         name=body.name,
         labels=dict(body.labels),
         url=body.spec.url,
         event_types=list(body.spec.event_types),
-        secret=secret,
+        secret=None,
+        sealed_secret=sealer.seal(secret, context=secret_context(webhook_id)),
         enabled=body.spec.enabled,
         generation=1,
         created_at=now,
@@ -144,7 +165,9 @@ async def list_webhooks(
     return Page[WebhookRead](items=[to_read(r) for r in rows[:limit]], next=following)
 
 
-async def patch(session: AsyncSession, webhook_id: str, body: WebhookPatch) -> WebhookRead:
+async def patch(
+    session: AsyncSession, sealer: Sealer, webhook_id: str, body: WebhookPatch
+) -> WebhookRead:
     row = await _require(session, webhook_id)
     if body.name is not None and body.name != row.name:
         raise InvalidInput(
@@ -170,8 +193,11 @@ async def patch(session: AsyncSession, webhook_id: str, body: WebhookPatch) -> W
             spec = WebhookSpecWrite.model_validate(merge_patch(current, body.spec))
         except ValidationError as exc:
             raise _invalid(exc, prefix=("spec",)) from None
-        if spec.secret is not None and spec.secret != row.secret:
-            row.secret = spec.secret
+        if spec.secret is not None:
+            # Rotate: sealed afresh (a new nonce each time, so nothing tells an unchanged
+            # secret from a new one; either way the old clear copy, if any, is dropped).
+            row.sealed_secret = sealer.seal(spec.secret, context=secret_context(row.id))
+            row.secret = None
             changed = True
         new = (spec.url, list(spec.event_types), spec.enabled)
         if new != (row.url, list(row.event_types), row.enabled):

@@ -132,6 +132,48 @@ class TestSubscriptions:
             assert "secret" not in response.text
             assert created["secret"] not in response.text and "t" * 20 not in response.text
 
+    async def test_secrets_are_stored_sealed_and_clear_ones_get_sealed_at_start(
+        self, api: httpx.AsyncClient, receivers: Any
+    ) -> None:
+        from sqlalchemy import select
+
+        from services.api.webhooks import service
+
+        app = api.app  # type: ignore[attr-defined]
+        receiver = await receivers()
+        created = await create(api, "sealed", receiver.url, secret="q" * 24)
+        rotated = await api.patch(f"{URL}/{created['id']}", json={"spec": {"secret": "r" * 24}})
+        assert rotated.status_code == 200
+        async with app.state.sessions() as session:
+            session.add(
+                Webhook(
+                    id="legacy",
+                    name="legacy",
+                    labels={},
+                    url=receiver.url,
+                    event_types=["*"],
+                    secret="l" * 24,
+                    enabled=False,
+                    generation=1,
+                    consecutive_failures=0,
+                )
+            )
+            await session.commit()
+        async with app.state.sessions() as session:
+            assert await service.seal_clear_secrets(session, app.state.sealer) == 1
+        async with app.state.sessions() as session:
+            rows = {row.id: row for row in await session.scalars(select(Webhook))}
+            stored = repr([(r.secret, r.sealed_secret, r.url, r.labels) for r in rows.values()])
+        for clear in ("q" * 24, "r" * 24, "l" * 24):
+            assert clear not in stored
+        for webhook_id, clear in ((created["id"], "r" * 24), ("legacy", "l" * 24)):
+            row = rows[webhook_id]
+            assert row.secret is None and row.sealed_secret is not None
+            opened = app.state.sealer.open(
+                row.sealed_secret, context=service.secret_context(webhook_id)
+            )
+            assert opened == clear
+
     async def test_patch_list_and_delete(self, api: httpx.AsyncClient, receivers: Any) -> None:
         receiver = await receivers()
         hook = await create(api, "sink", receiver.url, eventTypes=["io.nest.cluster."])

@@ -20,10 +20,30 @@ from libs.common.bus import Bus
 from libs.common.contract import DLQ_STREAM, EVENTS_STREAM, INTENTS_STREAM
 from libs.common.nats_server import EmbeddedNats, EmbeddedNatsError
 from libs.common.settings import Settings
+from tests.support.kube import session as kube_session
 from tests.support.parts import missing
 
 ADMIN_TOKEN = "nest-test-admin-token-0123456789abcdef0123"
 PG_DSN = os.environ.get("NEST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller (or the only process)
+        kube_session.configure_controller()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):
+        kube_session.stop_shared()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> kube_session.ManagementCluster:
+    """The session's real management cluster (started on first use, shared by all workers)."""
+    try:
+        return kube_session.shared_cluster()
+    except kube_session.Unavailable as exc:
+        missing(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
-"""The Helm chart (deploy/helm/nest), linted and rendered by the real Helm library.
+"""The Helm chart (deploy/helm/nest), linted and rendered by the real `helm` CLI.
 
-Helm runs in a Python 3.12 venv of its own (`tests.support.helm`); what it renders is checked
-here: strictly valid Kubernetes (kubernetes-validate, 1.33 and the newest schemas), every
-Deployment runs a real `nest run <service>`, probes reach the port the service listens on,
+Helm v4.3.2 is built from its Go module once per machine (`scripts/kube-binaries`,
+`tests.support.kube.binaries.helm()`); `tests.support.helm` runs `helm lint --strict` and
+`helm template` with each set of values. What it renders is checked here: strictly valid
+Kubernetes (kubernetes-validate, 1.33 and the newest schemas, each rendered for that version),
+every Deployment runs a real `nest run <service>`, probes reach the port the service listens on,
 secrets come only from Secrets, and values.schema.json refuses incomplete values.
 """
 
@@ -19,7 +21,10 @@ import pytest
 from cli.main import SERVICES
 from libs.common.settings import Settings
 from tests.support import helm
+from tests.support.kube import binaries
 from tests.support.parts import missing
+
+pytestmark = pytest.mark.timeout(3600)  # the first use on a machine builds helm (minutes)
 
 CHART = Path(__file__).resolve().parents[3] / "deploy" / "helm" / "nest"
 KUBE_VERSIONS = ("1.33", "1.37")
@@ -74,13 +79,21 @@ STANDARD_LABELS = (
 )
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> dict[str, helm.Rendered | helm.RenderError]:
-    """Every value set rendered by Helm, in one helm process per test worker."""
-    try:
-        return helm.render(CHART, VALUE_SETS | BROKEN)
-    except helm.HelmUnavailable as exc:
-        missing(str(exc))
+@pytest.fixture(scope="module", autouse=True)
+def helm_cli() -> Path:
+    """The helm binary, built on first use (or a skip: no Go here and nothing cached)."""
+    if not binaries.is_built("helm", binaries.HELM_VERSION) and not binaries.go_available():
+        missing(
+            f"go is not installed and helm {binaries.HELM_VERSION} is not built in "
+            f"{binaries.CACHE_ROOT} (scripts/kube-binaries builds it)"
+        )
+    return binaries.helm()
+
+
+@cache
+def render(value_set: str, kube_version: str | None = None) -> list[dict[str, Any]]:
+    """`helm template` of a value set, once per test worker."""
+    return helm.template(CHART, VALUE_SETS[value_set], "nest", kube_version)
 
 
 @pytest.fixture(params=list(VALUE_SETS))
@@ -89,27 +102,8 @@ def value_set(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def rendered(outcomes: dict[str, Any], value_set: str) -> helm.Rendered:
-    outcome = outcomes[value_set]
-    assert isinstance(outcome, helm.Rendered), f"{value_set} did not render: {outcome}"
-    return outcome
-
-
-@pytest.fixture(scope="module")
-def parsed(outcomes: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    return {k: v.objects() for k, v in outcomes.items() if isinstance(v, helm.Rendered)}
-
-
-@pytest.fixture
-def objs(rendered: helm.Rendered, parsed: dict[str, Any], value_set: str) -> list[dict[str, Any]]:
-    return parsed[value_set]
-
-
-def lint_or_skip(values: dict[str, Any] | None = None) -> helm.LintResult:
-    try:
-        return helm.lint(CHART, values)
-    except helm.HelmUnavailable as exc:
-        missing(str(exc))
+def objs(value_set: str) -> list[dict[str, Any]]:
+    return render(value_set)
 
 
 def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -157,22 +151,30 @@ def validate(text: str, version: str) -> None:
 
 
 def test_chart_lints_clean_with_the_required_values() -> None:
-    result = lint_or_skip(REQUIRED)
-    assert result.errors == 0
-    assert result.findings("WARNING") == [], result.messages
+    result = helm.lint(CHART, REQUIRED)
+    assert result.passed, result.output
+    assert result.errors == []
+    assert result.findings("WARNING") == [], result.output
 
 
 def test_lint_without_the_required_values_fails_on_them() -> None:
-    result = lint_or_skip()
-    assert result.errors > 0
-    assert helm.LintMessage("ERROR", "values.yaml") in result.messages
+    result = helm.lint(CHART)
+    assert not result.passed
+    (values,) = [error for error in result.errors if error.path == "values.yaml"]
+    assert "at '/nats': missing property 'url'" in values.message, result.output
+    assert "at '/database': missing property 'existingSecret'" in values.message
+    assert "at '/secretsKey/existingSecret': minLength: got 0, want 1" in values.message
+    assert any(
+        "don't meet the specifications of the schema" in error.message for error in result.errors
+    ), result.output
 
 
 # Rendered objects
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
-def test_every_object_is_valid_kubernetes(objs: list[dict[str, Any]], version: str) -> None:
+def test_every_object_is_valid_kubernetes(value_set: str, version: str) -> None:
+    objs = render(value_set, f"{version}.0")
     assert objs
     for obj in objs:
         try:
@@ -381,11 +383,12 @@ def test_values_reach_the_objects(value_set: str, objs: list[dict[str, Any]]) ->
         assert data["NEST_BACKUP_S3_ENDPOINT"] == s3["endpoint"]
 
 
-def test_notes_say_how_to_reach_the_api(value_set: str, rendered: helm.Rendered) -> None:
-    assert "port-forward svc/nest-api 8080:8080" in rendered.notes
+def test_notes_say_how_to_reach_the_api(value_set: str) -> None:
     values = VALUE_SETS[value_set]
-    assert ("/var/lib/nest/admin-token" in rendered.notes) == ("adminToken" not in values)
-    assert ("backup.s3 is not enabled" in rendered.notes) == ("s3" not in values.get("backup", {}))
+    notes = helm.notes(CHART, values)
+    assert "port-forward svc/nest-api 8080:8080" in notes
+    assert ("/var/lib/nest/admin-token" in notes) == ("adminToken" not in values)
+    assert ("backup.s3 is not enabled" in notes) == ("s3" not in values.get("backup", {}))
 
 
 # values.schema.json
@@ -397,14 +400,15 @@ def test_notes_say_how_to_reach_the_api(value_set: str, rendered: helm.Rendered)
         ("no-nats", "at '/nats': missing property 'url'"),
         ("nats-not-a-url", "at '/nats/url'"),
         ("no-database", "missing property 'existingSecret'"),
+        ("no-secrets-key", "at '/secretsKey/existingSecret': minLength"),
         ("s3-without-bucket", "at '/backup/s3/bucket'"),
     ],
 )
-def test_schema_refuses_incomplete_values(outcomes: dict[str, Any], broken: str, says: str) -> None:
-    outcome = outcomes[broken]
-    assert isinstance(outcome, helm.RenderError), f"{broken} rendered"
-    assert "don't meet the specifications of the schema" in outcome.message
-    assert says in outcome.message
+def test_schema_refuses_incomplete_values(broken: str, says: str) -> None:
+    with pytest.raises(helm.RenderError) as refused:
+        helm.template(CHART, BROKEN[broken])
+    assert "don't meet the specifications of the schema" in refused.value.message
+    assert says in refused.value.message
 
 
 def test_restore_jobs_reach_the_backup_service_and_run_the_charts_image(

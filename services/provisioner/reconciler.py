@@ -55,7 +55,8 @@ class ProvisionerConfig:
     tenant_retry: kube.Retry = field(default_factory=lambda: kube.Retry(attempts=1, timeout=5.0))
     """Retries of tenant requests: one try per pass, the next pass is the retry."""
     delete_timeout_seconds: float = 30.0
-    """How long a delete waits for the namespace to disappear before trying again later."""
+    """How long a delete intent waits for the namespace to disappear; a namespace still
+    terminating then is followed by the service until it is gone (the intent is done)."""
     tenant_credential_lifetime: timedelta = timedelta(hours=1)
     """Lifetime of the admin certificate the provisioner uses on tenant APIs."""
 
@@ -579,26 +580,38 @@ class Reconciler:
             return
         observation.set(status.ADDONS, True, "Applied", f"{len(objects)} tenant objects applied")
 
-    async def delete(self, intent: DeleteCluster) -> None:
-        """Delete the cluster's namespace and wait until it is gone.
+    async def delete(self, intent: DeleteCluster, *, wait: float | None = None) -> bool:
+        """Delete the cluster's namespace, unless its deletion is under way already, and wait
+        up to `wait` seconds (default: the delete timeout) for it to be gone.
 
-        Raises `KubeUnavailable` when the API does not answer or the namespace is still
-        terminating at the deadline, and `KubeNotConfigured` without a management cluster.
+        True once it is gone (or is not this cluster's: gone already, or a newer cluster's of
+        the same name); False while it is still terminating: its content is being removed or
+        a finalizer holds it, and the deletion only needs time. A namespace with a
+        `deletionTimestamp` is not deleted again, and a 409 Conflict answer (the API server's
+        "the system is ensuring all content is removed from this namespace", for a namespace
+        someone else deleted meanwhile) means the same: under way. Raises `KubeUnavailable`
+        when the API does not answer and `KubeNotConfigured` without a management cluster.
         """
         client = await self.management.client()
         self._applied.pop(intent.cluster_id, None)
         path = f"/api/v1/namespaces/{names.namespace_for(intent.name)}"
         found = await client.get(path)
-        labels = (found or {}).get("metadata", {}).get("labels") or {}
-        if labels.get(names.CLUSTER_ID_LABEL) != intent.cluster_id:
-            return  # gone already, or it belongs to a newer cluster of the same name
-        await client.delete(path)
-        deadline = time.monotonic() + self.config.delete_timeout_seconds
+        if not _labelled_for(found, intent.cluster_id):
+            return True
+        assert found is not None
+        uid = found["metadata"].get("uid")
+        if not found["metadata"].get("deletionTimestamp"):
+            await _delete_namespace(client, path)
+        deadline = time.monotonic() + (self.config.delete_timeout_seconds if wait is None else wait)
         pause = 0.05
-        while await client.get(path) is not None:
-            if time.monotonic() > deadline:
-                raise KubeUnavailable(f"namespace {path} is still terminating")
-            await asyncio.sleep(pause)
+        while True:
+            current = await client.get(path)
+            if current is None or current["metadata"].get("uid") != uid:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(pause, left))
             pause = min(pause * 2, 2.0)
 
     async def admin_kubeconfig(
@@ -657,10 +670,12 @@ class Reconciler:
         client = await self.management.client()
         path = f"/api/v1/namespaces/{names.namespace_for(record.name)}"
         found = await client.get(path)
-        labels = (found or {}).get("metadata", {}).get("labels") or {}
-        if labels.get(names.CLUSTER_ID_LABEL) != record.cluster_id:
+        if not _labelled_for(found, record.cluster_id):
             return False
-        return await client.delete(path)
+        assert found is not None
+        if found["metadata"].get("deletionTimestamp"):
+            return False  # under way already
+        return await _delete_namespace(client, path)
 
     async def labelled_namespaces(self) -> list[tuple[str, str]]:
         """(namespace, cluster id) of every namespace Nest labelled for a cluster."""
@@ -674,6 +689,26 @@ class Reconciler:
             if names.CLUSTER_ID_LABEL in labels:
                 result.append((item["metadata"]["name"], labels[names.CLUSTER_ID_LABEL]))
         return result
+
+
+def _labelled_for(namespace: Mapping[str, Any] | None, cluster_id: str) -> bool:
+    """Whether `namespace` exists and is labelled for cluster `cluster_id`."""
+    labels = (namespace or {}).get("metadata", {}).get("labels") or {}
+    return bool(labels.get(names.CLUSTER_ID_LABEL) == cluster_id)
+
+
+async def _delete_namespace(client: KubeClient, path: str) -> bool:
+    """Delete the namespace at `path`; True if this request started its deletion.
+
+    A namespace already terminating answers 409 Conflict while its content is being
+    removed: its deletion is under way, which is what was asked for.
+    """
+    try:
+        return await client.delete(path)
+    except KubeRejected as exc:
+        if exc.status == 409:
+            return False
+        raise
 
 
 def _ids(intent: ReconcileCluster) -> dict[str, object]:

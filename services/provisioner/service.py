@@ -4,8 +4,9 @@ the kubeconfig request handler. Transport stays thin; the work is in `reconciler
 - Intents (`nest.intent.provisioner.reconcile|delete`) arrive on one durable consumer. A
   reconcile intent is recorded (the last intent per cluster, in the `nest_provisioner_clusters`
   bucket), passed once, and acked; a cluster that is not Ready yet is then passed again by a
-  follow-up task until it is. A delete intent is acked only after the namespace is gone and
-  `ClusterDeleted` was published.
+  follow-up task until it is. A delete intent is acked once the namespace is gone and
+  `ClusterDeleted` was published, or, if the namespace is still terminating after the delete
+  timeout, once a follow-up task took over waiting for it (never dead-lettered for that).
 - A status event is published at every transition (phase, conditions, endpoint), never twice
   for the same state.
 - The resync, run by the one replica that holds the `resync` lease, passes every known cluster
@@ -226,19 +227,33 @@ class ProvisionerService:
                 record.delete_requested = True
                 record.generation = max(record.generation, intent.generation)
                 await self.store.put(record)
-            await self._finish_delete(record)
+            gone = await self._finish_delete(record)
         follower = self._followers.pop(intent.cluster_id, None)
         if follower is not None:
             follower.cancel()
+        if not gone:
+            # The namespace is terminating and only needs time (pods stopping, a finalizer):
+            # the intent is done, recorded as `delete_requested`; a follow-up reports the
+            # cluster gone once the namespace is (the resync would too, after a restart).
+            log.info(
+                "cluster namespace still terminating; following its deletion",
+                extra=_ids(intent),
+            )
+            self._follow(intent.cluster_id)
 
-    async def _finish_delete(self, record: ClusterRecord) -> None:
-        """Delete the cluster's objects (unless done), record the tombstone, report it gone."""
+    async def _finish_delete(self, record: ClusterRecord, *, wait: float | None = None) -> bool:
+        """Delete the cluster's objects (unless done) and wait up to `wait` seconds (default:
+        the delete timeout) for them to go; once gone, record the tombstone and report it.
+
+        False while the namespace is still terminating (its deletion is under way).
+        """
         if not record.deleted:
             intent = DeleteCluster(
                 cluster_id=record.cluster_id, name=record.name, generation=max(1, record.generation)
             )
             try:
-                await self.reconciler.delete(intent)
+                if not await self.reconciler.delete(intent, wait=wait):
+                    return False
             except KubeNotConfigured:
                 if record.applied:
                     raise
@@ -252,6 +267,7 @@ class ProvisionerService:
             source=SOURCE,
             subject=record.cluster_id,
         )
+        return True
 
     # Passes
 
@@ -293,6 +309,19 @@ class ProvisionerService:
             event.phase == "Failed" and event.reason == "UpgradeRefused"
         )
 
+    async def _deletion_done(self, record: ClusterRecord) -> bool:
+        """One look at a deletion under way (the caller holds the cluster's lock)."""
+        try:
+            return await self._finish_delete(record, wait=0.0)
+        except KubeError as exc:
+            log.info(
+                "deletion of cluster %s: the management cluster does not answer (%s)",
+                record.name,
+                exc,
+                extra={"clusterId": record.cluster_id},
+            )
+            return False
+
     def wake(self, cluster_id: str) -> None:
         """Something of the cluster changed in the management cluster (a watch event): pass it
         soon, whether it is being followed or was Ready."""
@@ -325,7 +354,8 @@ class ProvisionerService:
 
     async def _follow_up(self, cluster_id: str) -> None:
         """Pass a cluster again until it is Ready or Failed: at once when a watch event says
-        something changed, else after growing pauses (the fallback when watches fail)."""
+        something changed, else after growing pauses (the fallback when watches fail). For a
+        cluster being deleted, look instead whether its namespace is gone yet."""
         delay = self.poll_interval
         longest = max(self.poll_interval, min(self.resync_interval, 30.0))
         woken = self._wakeups[cluster_id]
@@ -338,9 +368,14 @@ class ProvisionerService:
                 woken.clear()
                 async with self._locks[cluster_id]:
                     record = await self.store.get(cluster_id)
-                    if record is None or record.delete_requested or record.intent is None:
+                    if record is None or record.deleted:
                         return
-                    done = await self._pass(record)
+                    if record.delete_requested:
+                        done = await self._deletion_done(record)
+                    elif record.intent is None:
+                        return
+                    else:
+                        done = await self._pass(record)
                 if done:
                     return
                 delay = min(delay * 1.5, longest)
@@ -407,11 +442,11 @@ class ProvisionerService:
                         )
                 return
             if record.delete_requested:
-                await self._finish_delete(record)
+                done = await self._finish_delete(record, wait=0.0)
+            elif record.intent is None:
                 return
-            if record.intent is None:
-                return
-            done = await self._pass(record, force=True)
+            else:
+                done = await self._pass(record, force=True)
         if not done:
             self._follow(cluster_id)
 

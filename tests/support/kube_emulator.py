@@ -10,8 +10,15 @@ around them, and serves resource paths itself with what the provisioner relies o
   (maps merged, lists replaced, `status` left alone), and keeps each field manager's last
   applied configuration: a field a manager stops applying is removed unless another manager
   applies it (lists are atomic: owned whole);
-- namespaces: objects may only be created in an existing, non-terminating namespace; deleting
-  a namespace makes it `Terminating`, then removes everything in it, then the namespace;
+- namespaces: objects may only be created in an existing, non-terminating namespace; a new
+  namespace gets the `kubernetes` finalizer in `spec.finalizers` (changed only through its
+  `finalize` subresource); deleting a namespace makes it `Terminating` (a `deletionTimestamp`),
+  then the namespace controller removes everything in it (`namespace_finalize_delay`, the time
+  pods take to terminate) and its `kubernetes` finalizer; while any `spec.finalizers` remain, a
+  further DELETE answers 409 Conflict, as the API server does; the namespace goes once both
+  `spec.finalizers` and `metadata.finalizers` are empty;
+- `metadata.finalizers` on any object: a DELETE only sets its `deletionTimestamp`; the object
+  goes when a write empties its finalizers;
 - `metadata.uid`, `resourceVersion`, `creationTimestamp`, and `generation` bumped on every
   `spec` change; 409 on POST of an existing object; `labelSelector` (`k=v,...`); PUT;
   `/status` touches only `status`; NodePort allocation with 422 on a taken port;
@@ -74,6 +81,9 @@ class Route:
     def cluster_scoped(self) -> bool:
         return self.resource in CLUSTER_SCOPED
 
+
+NAMESPACE_FINALIZER = "kubernetes"
+"""The finalizer the API server puts in every namespace's `spec.finalizers`."""
 
 CLUSTER_SCOPED = {
     "v1/namespaces",
@@ -395,6 +405,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 current.get("status", {}), body.get("status", {}), nulls_delete=True
             )
             return self._store(route, current, updated, spec_change=False)
+        if route.subresource == "finalize" and route.resource == "v1/namespaces":
+            if current is None:
+                raise _not_found(route)
+            updated = copy.deepcopy(current)
+            updated.setdefault("spec", {})["finalizers"] = list(
+                (body.get("spec") or {}).get("finalizers") or []
+            )
+            stored = self._store(route, current, updated, spec_change=False)
+            self._settle(route, stored)
+            return stored
         owners = self._applied[(route.resource, route.namespace, str(route.name))]
         if current is None:
             if mode != "apply":
@@ -424,7 +444,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                             _remove_path(base, path)
                 owners[manager] = copy.deepcopy(patch)
             updated = merge(base, patch, nulls_delete=mode == "merge")
-        return self._store(route, current, updated)
+        stored = self._store(route, current, updated)
+        self._settle(route, stored)
+        return stored
 
     def _store(
         self, route: Route, current: Obj | None, obj: Obj, *, spec_change: bool = True
@@ -449,9 +471,19 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if route.resource == "v1/services":
             self._allocate_node_ports(route, obj, current)
         if route.resource == "v1/namespaces":
-            obj.setdefault("status", {}).setdefault("phase", "Active")
-            if current is not None:
-                obj["status"] = current.get("status", obj["status"])
+            spec = obj.setdefault("spec", {})
+            if current is None:
+                # The API server's namespace strategy: every new namespace is Active and carries
+                # the `kubernetes` finalizer, which only the namespace controller removes.
+                finalizers = list(spec.get("finalizers") or [])
+                if NAMESPACE_FINALIZER not in finalizers:
+                    finalizers.append(NAMESPACE_FINALIZER)
+                spec["finalizers"] = finalizers
+                obj["status"] = {"phase": "Active"}
+            else:
+                if route.subresource != "finalize":
+                    spec["finalizers"] = list((current.get("spec") or {}).get("finalizers") or [])
+                obj["status"] = current.get("status") or {"phase": "Active"}
         metadata["resourceVersion"] = str(next(self._versions))
         self._bucket(route)[str(metadata["name"])] = obj
         for hook in self.hooks:
@@ -498,7 +530,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if obj is None:
             raise _not_found(route)
         if route.resource == "v1/namespaces":
-            if obj["status"].get("phase") != "Terminating":
+            if not obj["metadata"].get("deletionTimestamp"):
                 obj["status"]["phase"] = "Terminating"
                 obj["metadata"]["deletionTimestamp"] = _now()
                 self.touch(route.resource, obj)
@@ -507,7 +539,36 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 )
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
+            elif (obj.get("spec") or {}).get("finalizers"):
+                # The API server's namespace storage: a namespace being emptied refuses a
+                # second deletion until its spec finalizers are gone.
+                raise Problem(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on namespaces "{route.name}": The system is '
+                    "ensuring all content is removed from this namespace.  Upon completion, "
+                    "this namespace will automatically be purged by the system.",
+                )
             return obj
+        if obj["metadata"].get("finalizers"):
+            if not obj["metadata"].get("deletionTimestamp"):
+                obj["metadata"]["deletionTimestamp"] = _now()
+                self.touch(route.resource, obj)
+            return obj
+        return self._purge(route, obj)
+
+    def _settle(self, route: Route, obj: Obj) -> None:
+        """Remove an object being deleted once nothing holds it any more."""
+        metadata = obj["metadata"]
+        if not metadata.get("deletionTimestamp") or metadata.get("finalizers"):
+            return
+        if route.resource == "v1/namespaces" and (obj.get("spec") or {}).get("finalizers"):
+            return
+        if self._bucket(route).get(str(metadata["name"])) is obj:
+            self._purge(Route(route.resource, route.namespace, metadata["name"], None), obj)
+
+    def _purge(self, route: Route, obj: Obj) -> Obj:
+        bucket = self._bucket(route)
         del bucket[str(route.name)]
         self._applied.pop((route.resource, route.namespace, str(route.name)), None)
         self._emit(route.resource, "DELETED", obj, deleted=True)
@@ -524,6 +585,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         }
 
     async def _finalize_namespace(self, name: str) -> None:
+        """The namespace controller: remove the content, then the `kubernetes` finalizer."""
         await asyncio.sleep(self.namespace_finalize_delay)
         for resource, buckets in self.store.items():
             if resource != "v1/namespaces":
@@ -532,9 +594,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         for port, (namespace, _) in list(self._node_ports.items()):
             if namespace == name:
                 del self._node_ports[port]
-        gone = self.store["v1/namespaces"][None].pop(name, None)
-        if gone is not None:
-            self._emit("v1/namespaces", "DELETED", gone, deleted=True)
+        current = self.store["v1/namespaces"][None].get(name)
+        if current is None:
+            return
+        updated = copy.deepcopy(current)
+        spec = updated.setdefault("spec", {})
+        spec["finalizers"] = [f for f in spec.get("finalizers") or [] if f != NAMESPACE_FINALIZER]
+        route = Route("v1/namespaces", None, name, "finalize")
+        self._settle(route, self._store(route, current, updated, spec_change=False))
 
 
 LabelMatcher = Callable[[dict[str, str]], bool]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -96,15 +97,18 @@ def fast_config(settings: Settings) -> ProvisionerConfig:
 
 @contextlib.asynccontextmanager
 async def running_provisioner(
-    settings: Settings, nats_url: str, *, reset: bool = True
+    settings: Settings, nats_url: str, *, reset: bool = True, **config: Any
 ) -> AsyncIterator[ProvisionerService]:
-    """A provisioner service on its own bus connection (fresh bookkeeping unless `reset`)."""
+    """A provisioner service on its own bus connection (fresh bookkeeping unless `reset`);
+    `config` overrides fields of its `ProvisionerConfig` (e.g. `delete_timeout_seconds`)."""
     bus = Bus([nats_url], name="test-provisioner")
     await bus.connect()
     await bus.ensure_streams()
     if reset:
         await reset_buckets(bus)
-    service = ProvisionerService(settings, config=fast_config(settings))
+    service = ProvisionerService(
+        settings, config=dataclasses.replace(fast_config(settings), **config)
+    )
     await service.start(bus)
     try:
         yield service

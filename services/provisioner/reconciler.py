@@ -235,6 +235,16 @@ def _node_ports(
     return api, konnectivity
 
 
+@dataclass(frozen=True)
+class _Applied:
+    """What this process last applied at one REST path."""
+
+    digest: bytes
+    """A digest of the rendered object."""
+    version: str | None
+    """The resourceVersion the API server answered the apply with."""
+
+
 class _PortTaken(Exception):
     """The management cluster refused the endpoint Service's NodePort: another holds it."""
 
@@ -251,12 +261,34 @@ class Reconciler:
         self.clock = clock
         self.management = ManagementCluster(config)
         self.tenants = TenantClients(config, clock)
-        self._applied: dict[str, dict[str, str]] = {}
-        """Cluster id -> REST path -> digest of what was last applied there. A pass that would
-        apply the same again skips the write (a resync forces it, to heal drift)."""
+        self._applied: dict[str, dict[str, _Applied]] = {}
+        """Cluster id -> REST path -> what was last applied there. A pass that would apply
+        the same again skips the write (a resync forces it, to heal drift)."""
+        self._suspects: dict[str, dict[str, str | None]] = {}
+        """Cluster id -> REST path -> resourceVersion of a change a watch reported (None:
+        deleted); checked against `_applied` at the start of the cluster's next pass."""
 
     async def close(self) -> None:
         await self.management.close()
+
+    def suspect(self, cluster_id: str, path: str, version: str | None) -> None:
+        """A watch saw the object at `path` deleted (`version` None) or its content changed
+        at `version`: unless that was this process's own write, the next pass applies it
+        again instead of trusting what it applied before."""
+        if path in self._applied.get(cluster_id, {}):
+            self._suspects.setdefault(cluster_id, {})[path] = version
+
+    def _drop_stale(self, cluster_id: str) -> None:
+        """Forget what was applied to objects changed by someone else since (see `suspect`).
+
+        Checked at the start of a pass rather than when the watch event arrives: the event of
+        this process's own write may arrive before the write's answer is recorded."""
+        suspects = self._suspects.pop(cluster_id, {})
+        applied = self._applied.get(cluster_id, {})
+        for path, version in suspects.items():
+            entry = applied.get(path)
+            if entry is not None and (version is None or version != entry.version):
+                del applied[path]
 
     async def reconcile(
         self, intent: ReconcileCluster, record: ClusterRecord, *, force: bool = False
@@ -268,6 +300,9 @@ class Reconciler:
         """
         if force:
             self._applied.pop(intent.cluster_id, None)
+            self._suspects.pop(intent.cluster_id, None)
+        else:
+            self._drop_stale(intent.cluster_id)
         observation = status.Observation(
             intent.cluster_id, intent.generation, was_ready=record.was_ready
         )
@@ -464,16 +499,18 @@ class Reconciler:
         """Server-side apply `obj` unless this process applied exactly it before; then only
         read it back if the caller needs its status (or recreate it if it went away)."""
         path = manifests.resource_path(obj)
-        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).digest()
         applied = self._applied.setdefault(cluster_id, {})
-        if applied.get(path) == digest:
+        known = applied.get(path)
+        if known is not None and known.digest == digest:
             if not need_answer:
                 return None
             live = await client.get(path)
             if live is not None:
                 return live
         answer = await client.apply(path, obj)
-        applied[path] = digest
+        version = (answer.get("metadata") or {}).get("resourceVersion")
+        applied[path] = _Applied(digest, str(version) if version else None)
         return answer
 
     async def _reconcile_pki(
@@ -594,6 +631,7 @@ class Reconciler:
         """
         client = await self.management.client()
         self._applied.pop(intent.cluster_id, None)
+        self._suspects.pop(intent.cluster_id, None)
         path = f"/api/v1/namespaces/{names.namespace_for(intent.name)}"
         found = await client.get(path)
         if not _labelled_for(found, intent.cluster_id):

@@ -52,7 +52,7 @@ from services.provisioner.kube import KubeError, KubeNotConfigured
 from services.provisioner.reconciler import Clock, ProvisionerConfig, Reconciler, utcnow
 from services.provisioner.restore import RestoreConfig, Restores, default_image
 from services.provisioner.store import ClusterRecord, ClusterStore, open_leases
-from services.provisioner.watch import ReadinessWatch
+from services.provisioner.watch import ClusterObjectsWatch, ObjectChange
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class ProvisionerService:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
-        self.watch = ReadinessWatch(self.reconciler.management.client, self.wake)
+        self.watch = ClusterObjectsWatch(self.reconciler.management.client, self.wake)
         self.watch_debounce = 0.05
         """After a watch event, wait this long for the rest of the burst before passing."""
         self._passes = asyncio.Semaphore(settings.reconcile_concurrency)
@@ -322,11 +322,14 @@ class ProvisionerService:
             )
             return False
 
-    def wake(self, cluster_id: str) -> None:
+    def wake(self, cluster_id: str, change: ObjectChange | None = None) -> None:
         """Something of the cluster changed in the management cluster (a watch event): pass it
-        soon, whether it is being followed or was Ready."""
+        soon, whether it is being followed or was Ready; an object deleted or changed by
+        someone else (`change`) is applied again in that pass."""
         if self._stopping:
             return
+        if change is not None:
+            self.reconciler.suspect(cluster_id, change.path, change.version)
         event = self._wakeups.get(cluster_id)
         if event is not None:
             event.set()
@@ -376,6 +379,8 @@ class ProvisionerService:
                         return
                     else:
                         done = await self._pass(record)
+                if woken.is_set():
+                    continue  # woken during the pass, which may have read the state before
                 if done:
                     return
                 delay = min(delay * 1.5, longest)

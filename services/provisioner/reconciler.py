@@ -172,6 +172,33 @@ def deployment_rolled_out(obj: Mapping[str, Any], replicas: int) -> tuple[bool, 
     return True, f"{available}/{replicas} control-plane replicas available"
 
 
+def _count(obj: Mapping[str, Any], field_name: str) -> int:
+    return int((obj.get("status") or {}).get(field_name) or 0)
+
+
+def control_plane_lost(obj: Mapping[str, Any], replicas: int, had: int) -> bool:
+    """Whether the control plane has fewer available replicas than it had when last Ready
+    (`had`), or than the spec asks for now if that is fewer: a loss, not a rollout.
+
+    Rollouts surge first (maxUnavailable 0), so a scale or a template change never takes
+    availability below that."""
+    return _count(obj, "availableReplicas") < min(replicas, had)
+
+
+def datastore_lost(obj: Mapping[str, Any], replicas: int, had: int) -> bool:
+    """Whether fewer etcd members are ready than when the cluster was last Ready (`had`), or
+    than the spec asks for now if that is fewer, beyond the one member a rolling update of
+    the StatefulSet restarts at a time: a member gone, not a rollout."""
+    observed = obj.get("status") or {}
+    generation = (obj.get("metadata") or {}).get("generation")
+    rolling = (
+        (generation is not None and observed.get("observedGeneration", 0) < generation)
+        or observed.get("updateRevision") != observed.get("currentRevision")
+        or _count(obj, "updatedReplicas") < _count(obj, "replicas")
+    )
+    return _count(obj, "readyReplicas") < min(replicas, had) - (1 if rolling else 0)
+
+
 def endpoint_of(
     intent: ReconcileCluster, service: Mapping[str, Any] | None, node_address: str | None
 ) -> tuple[ClusterEndpoint | None, str, str]:
@@ -427,18 +454,19 @@ class Reconciler:
             if answer is not None:
                 applied[key] = answer
 
-        ok, message = statefulset_ready(
-            applied[("StatefulSet", names.ETCD_STATEFULSET)], intent.spec.datastore.replicas
-        )
+        # What the cluster had when last Ready tells a change rolling out from a loss.
+        had = record.ready_capacity or status.Capacity.of(intent.spec)
+        etcd = applied[("StatefulSet", names.ETCD_STATEFULSET)]
+        ok, message = statefulset_ready(etcd, intent.spec.datastore.replicas)
         observation.set(
             status.DATASTORE, ok, "MembersReady" if ok else "WaitingForMembers", message
         )
         datastore_ok = ok
+        if not ok and not datastore_lost(etcd, intent.spec.datastore.replicas, had.datastore):
+            observation.changing.add(status.DATASTORE)
 
-        ok, message = deployment_rolled_out(
-            applied[("Deployment", names.CONTROL_PLANE_DEPLOYMENT)],
-            intent.spec.control_plane.replicas,
-        )
+        control_plane = applied[("Deployment", names.CONTROL_PLANE_DEPLOYMENT)]
+        ok, message = deployment_rolled_out(control_plane, intent.spec.control_plane.replicas)
         control_plane_ok = ok and datastore_ok
         if ok and not datastore_ok:
             message = f"{message}; waiting for etcd"
@@ -448,6 +476,12 @@ class Reconciler:
             "RolledOut" if control_plane_ok else "RollingOut",
             message,
         )
+        etcd_kept = datastore_ok or status.DATASTORE in observation.changing
+        replicas_kept = ok or not control_plane_lost(
+            control_plane, intent.spec.control_plane.replicas, had.control_plane
+        )
+        if not control_plane_ok and etcd_kept and replicas_kept:
+            observation.changing.add(status.CONTROL_PLANE)
         if record.upgrade_from is not None:
             if control_plane_ok:
                 log.info(
@@ -467,6 +501,8 @@ class Reconciler:
             endpoint = None
         elif seen is None:
             observation.set(status.ENDPOINT, False, reason, message)
+            if had.service_type != intent.spec.network.service_type:
+                observation.changing.add(status.ENDPOINT)  # a new type needs a new address
         else:
             observation.set(status.ENDPOINT, True, "Assigned", seen.url)
         observation.endpoint = seen
@@ -479,6 +515,13 @@ class Reconciler:
                 "WaitingForControlPlane",
                 "add-ons are installed once the control plane is ready at its endpoint",
             )
+            waiting_for = {
+                type_
+                for type_ in (status.CONTROL_PLANE, status.ENDPOINT)
+                if observation.checks[type_].status != "True"
+            }
+            if waiting_for <= observation.changing:
+                observation.changing.add(status.ADDONS)
             return
         await self._reconcile_addons(
             intent,

@@ -287,6 +287,7 @@ class ProvisionerService:
         digest = hashlib.sha256(repr(status.fingerprint(event)).encode()).hexdigest()
         if event.phase == "Ready":
             record.was_ready = True
+            record.ready_capacity = status.Capacity.of(record.intent.spec)
         if digest != record.reported:
             record.conditions = event.conditions
             record.reported = digest

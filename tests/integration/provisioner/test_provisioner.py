@@ -55,6 +55,16 @@ def deployment(management: ManagementCluster, name: str) -> dict[str, Any]:
     return found
 
 
+async def reported_phases(api: httpx.AsyncClient, cluster_id: str) -> list[str]:
+    """The phase of every status event the API recorded for the cluster, oldest first."""
+    response = await api.get(
+        "/api/v1/events",
+        params={"subject": cluster_id, "type": "io.nest.cluster.status_changed.v1"},
+    )
+    assert response.status_code == 200, response.text
+    return [event["data"]["phase"] for event in response.json()["items"]]
+
+
 def cluster_objects(management: ManagementCluster, name: str) -> dict[str, str]:
     """(resource/name) -> uid of everything in the cluster's namespace, and the namespace."""
     namespace = names.namespace_for(name)
@@ -170,6 +180,76 @@ class TestChanges:
             lambda c: c["status"]["observedGeneration"] == 2 and c["status"]["phase"] == "Ready",
         )
         assert deployment(management, "scaled")["spec"]["replicas"] == 3
+
+    async def test_scaling_a_ready_cluster_rolls_out_without_being_degraded(
+        self,
+        api: httpx.AsyncClient,
+        provisioner: ProvisionerService,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        created = await create(api, "grow", controlPlane={"replicas": 1})
+        await wait_cluster(api, created["id"], phase("Ready"))
+        management.controller.paused = True  # the rollout takes its time, as on a real cluster
+        await api.patch(
+            f"/api/v1/clusters/{created['id']}",
+            json={"spec": {"controlPlane": {"replicas": 3}}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        rolling = await wait_cluster(
+            api, created["id"], lambda c: c["status"]["observedGeneration"] == 2
+        )
+        assert rolling["status"]["phase"] == "Provisioning"
+        assert rolling["status"]["reason"] == "RollingOut"
+        live = deployment(management, "grow")
+        live["status"].update(replicas=2, updatedReplicas=2, availableReplicas=2)
+        management.emulator.touch("apps/v1/deployments", live)  # one more pod available
+        await asyncio.sleep(0.3)
+        management.controller.resume()
+        management.emulator.touch("apps/v1/deployments", live)
+        await wait_cluster(api, created["id"], phase("Ready"))
+        assert "Degraded" not in await reported_phases(api, created["id"])
+
+        # Losing what it had while the next change rolls out is Degraded all the same.
+        management.controller.paused = True
+        await api.patch(
+            f"/api/v1/clusters/{created['id']}",
+            json={"spec": {"controlPlane": {"replicas": 4}}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        await wait_cluster(api, created["id"], lambda c: c["status"]["observedGeneration"] == 3)
+        live = deployment(management, "grow")
+        live["status"].update(availableReplicas=2)
+        management.emulator.touch("apps/v1/deployments", live)
+        degraded = await wait_cluster(api, created["id"], phase("Degraded"))
+        assert condition(degraded, "ControlPlaneReady")["reason"] == "RollingOut"
+
+    async def test_toggling_an_addon_on_a_ready_cluster_is_not_degraded(
+        self,
+        api: httpx.AsyncClient,
+        provisioner: ProvisionerService,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        created = await create(api, "toggle")
+        await wait_cluster(api, created["id"], phase("Ready"))
+        management.controller.paused = True
+        await api.patch(
+            f"/api/v1/clusters/{created['id']}",
+            json={"spec": {"addons": {"konnectivity": {"enabled": False}}}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        rolling = await wait_cluster(
+            api, created["id"], lambda c: c["status"]["observedGeneration"] == 2
+        )
+        assert rolling["status"]["phase"] == "Provisioning"
+        await asyncio.sleep(0.3)
+        management.controller.resume()
+        management.emulator.touch("apps/v1/deployments", deployment(management, "toggle"))
+        await wait_cluster(api, created["id"], phase("Ready"))
+        assert "Degraded" not in await reported_phases(api, created["id"])
+        containers = deployment(management, "toggle")["spec"]["template"]["spec"]["containers"]
+        assert "konnectivity-server" not in {c["name"] for c in containers}
 
     async def test_upgrading_one_minor_rolls_the_control_plane(
         self,

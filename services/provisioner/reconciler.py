@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 TENANT_CONNECTIONS = 4
 """Connections (and so concurrent requests) per tenant API during a pass."""
+TENANT_BACKOFF_FIRST = 1.0
+TENANT_BACKOFF_MAX = 60.0
+"""Pause (seconds) before the add-ons of a cluster whose tenant API did not answer are tried
+again: the first, doubled after each failure up to the last; passes in between skip them."""
 
 Clock = Callable[[], datetime]
 
@@ -52,8 +56,14 @@ class ProvisionerConfig:
     """Endpoint host of NodePort clusters."""
     retry: kube.Retry = field(default_factory=kube.Retry)
     """Retries of management-cluster requests."""
-    tenant_retry: kube.Retry = field(default_factory=lambda: kube.Retry(attempts=1, timeout=5.0))
-    """Retries of tenant requests: one try per pass, the next pass is the retry."""
+    tenant_retry: kube.Retry = field(
+        default_factory=lambda: kube.Retry(attempts=1, timeout=5.0, connect_timeout=3.0)
+    )
+    """Retries of tenant requests: one try per pass, the next pass is the retry; connecting
+    (TCP and TLS) is bounded apart, so a tenant that never answers costs little."""
+    concurrency: int = 16
+    """Passes against the management cluster at the same time; tenant add-on steps have as
+    many slots of their own, so tenants that stall never hold up management passes."""
     delete_timeout_seconds: float = 30.0
     """How long a delete intent waits for the namespace to disappear; a namespace still
     terminating then is followed by the service until it is gone (the intent is done)."""
@@ -272,6 +282,26 @@ class _Applied:
     """The resourceVersion the API server answered the apply with."""
 
 
+@dataclass(frozen=True)
+class _AddonsDue:
+    """What the tenant add-ons of a pass need once the control plane is ready."""
+
+    endpoint: ClusterEndpoint
+    ca_secret: Mapping[str, bytes]
+    konnectivity_port: int
+
+
+@dataclass(frozen=True)
+class _TenantBackoff:
+    """A tenant API that did not answer, and when its add-ons may be tried again."""
+
+    url: str
+    delay: float
+    until: float
+    """`time.monotonic()` after which the next try is due."""
+    message: str
+
+
 class _PortTaken(Exception):
     """The management cluster refused the endpoint Service's NodePort: another holds it."""
 
@@ -291,6 +321,10 @@ class Reconciler:
         self._applied: dict[str, dict[str, _Applied]] = {}
         """Cluster id -> REST path -> what was last applied there. A pass that would apply
         the same again skips the write (a resync forces it, to heal drift)."""
+        self._management_slots = asyncio.Semaphore(config.concurrency)
+        self._tenant_slots = asyncio.Semaphore(config.concurrency)
+        self._tenant_backoff: dict[str, _TenantBackoff] = {}
+        """Cluster id -> when its add-ons may be tried again after its tenant API failed."""
         self._suspects: dict[str, dict[str, str | None]] = {}
         """Cluster id -> REST path -> resourceVersion of a change a watch reported (None:
         deleted); checked against `_applied` at the start of the cluster's next pass."""
@@ -323,8 +357,20 @@ class Reconciler:
         """One pass; updates `record` (applied, upgrade_from, endpoint) as a side effect.
 
         `force` re-applies every object even if this process applied the same before (the
-        resync does, so objects deleted or changed behind Nest's back come back).
+        resync does, so objects deleted or changed behind Nest's back come back). The
+        management part and the tenant add-ons take a slot each of their own concurrency.
         """
+        async with self._management_slots:
+            observation, addons_due = await self._reconcile_management(intent, record, force)
+        if addons_due is not None:
+            async with self._tenant_slots:
+                await self._reconcile_addons(intent, addons_due, observation)
+        return observation
+
+    async def _reconcile_management(
+        self, intent: ReconcileCluster, record: ClusterRecord, force: bool
+    ) -> tuple[status.Observation, _AddonsDue | None]:
+        """The management cluster's part of a pass, and the add-ons to apply if it is ready."""
         if force:
             self._applied.pop(intent.cluster_id, None)
             self._suspects.pop(intent.cluster_id, None)
@@ -341,11 +387,12 @@ class Reconciler:
             observation.unknown_from(
                 status.PKI, "ManagementClusterUnavailable", "waiting for a management cluster"
             )
-            return observation
+            return observation, None
+        addons_due: _AddonsDue | None = None
         try:
             for attempt in range(NODE_PORT_ATTEMPTS):
                 try:
-                    await self._reconcile(client, intent, record, observation, attempt)
+                    addons_due = await self._reconcile(client, intent, record, observation, attempt)
                     break
                 except _PortTaken:
                     log.info("NodePort taken; trying the next", extra=_ids(intent))
@@ -360,7 +407,7 @@ class Reconciler:
                 )
                 observation.set(status.MANAGEMENT, True, "Available")
                 observation.unknown_from(status.PKI, "NodePortUnavailable", "")
-                return observation
+                return observation, None
             changed = observation.checks.get(status.ENDPOINT)
             if changed is not None and changed.reason == "EndpointChanged":
                 # The Service got its address during this pass: render once more for it, so
@@ -368,8 +415,9 @@ class Reconciler:
                 observation = status.Observation(
                     intent.cluster_id, intent.generation, was_ready=record.was_ready
                 )
-                await self._reconcile(client, intent, record, observation)
+                addons_due = await self._reconcile(client, intent, record, observation)
         except KubeUnavailable as exc:
+            addons_due = None
             observation.checks.clear()
             observation.set(
                 status.MANAGEMENT,
@@ -381,9 +429,10 @@ class Reconciler:
                 status.PKI, "ManagementClusterUnavailable", "waiting for the management API"
             )
         except KubeRejected as exc:
+            addons_due = None
             observation.failure = ("Rejected", f"the management cluster refused a change: {exc}")
             observation.unknown_from(status.PKI, "Rejected", str(exc))
-        return observation
+        return observation, addons_due
 
     async def _reconcile(
         self,
@@ -392,7 +441,8 @@ class Reconciler:
         record: ClusterRecord,
         observation: status.Observation,
         port_attempt: int = 0,
-    ) -> None:
+    ) -> _AddonsDue | None:
+        """The management objects of one render; the add-ons to apply if they are due."""
         namespace = names.namespace_for(intent.name)
         deployment_path = (
             f"/apis/apps/v1/namespaces/{namespace}/deployments/{names.CONTROL_PLANE_DEPLOYMENT}"
@@ -414,7 +464,7 @@ class Reconciler:
                     f"{exc}; the control plane keeps running {deployed}",
                 )
                 observation.unknown_from(status.PKI, "UpgradeRefused", str(exc))
-                return
+                return None
             record.upgrade_from = deployed
 
         endpoint, _, _ = endpoint_of(intent, live_service, self.config.node_address)
@@ -522,13 +572,9 @@ class Reconciler:
             }
             if waiting_for <= observation.changing:
                 observation.changing.add(status.ADDONS)
-            return
-        await self._reconcile_addons(
-            intent,
-            endpoint,
-            secrets[names.SECRET_CA],
-            manifests.konnectivity_port(intent, render),
-            observation,
+            return None
+        return _AddonsDue(
+            endpoint, secrets[names.SECRET_CA], manifests.konnectivity_port(intent, render)
         )
 
     async def _apply(
@@ -626,13 +672,16 @@ class Reconciler:
         await client.apply(manifests.resource_path(obj), obj)
 
     async def _reconcile_addons(
-        self,
-        intent: ReconcileCluster,
-        endpoint: ClusterEndpoint,
-        ca_secret: Mapping[str, bytes],
-        konnectivity_port: int,
-        observation: status.Observation,
+        self, intent: ReconcileCluster, due: _AddonsDue, observation: status.Observation
     ) -> None:
+        endpoint, ca_secret = due.endpoint, due.ca_secret
+        backoff = self._tenant_backoff.get(intent.cluster_id)
+        if backoff is not None and backoff.url == endpoint.url:
+            if time.monotonic() < backoff.until:
+                observation.set(status.ADDONS, False, "TenantAPIUnavailable", backoff.message)
+                return
+        else:
+            backoff = None
         objects = addons.render_addons(
             intent,
             addons.AddonInputs(
@@ -640,7 +689,7 @@ class Reconciler:
                 endpoint_port=endpoint.port,
                 ca_pem=ca_secret[pki.TLS_CRT],
                 image_registry=self.config.image_registry,
-                konnectivity_port=konnectivity_port,
+                konnectivity_port=due.konnectivity_port,
             ),
         )
         try:
@@ -648,16 +697,24 @@ class Reconciler:
                 await tenant.ping()
                 await apply_in_order(tenant, objects, concurrency=TENANT_CONNECTIONS)
         except KubeUnavailable as exc:
-            observation.set(
-                status.ADDONS,
-                False,
-                "TenantAPIUnavailable",
-                f"waiting for the cluster's API at {endpoint.url}: {exc}",
+            delay = (
+                TENANT_BACKOFF_FIRST
+                if backoff is None
+                else min(backoff.delay * 2, TENANT_BACKOFF_MAX)
             )
+            message = (
+                f"waiting for the cluster's API at {endpoint.url}: {exc}; retrying in {delay:g} s"
+            )
+            self._tenant_backoff[intent.cluster_id] = _TenantBackoff(
+                endpoint.url, delay, time.monotonic() + delay, message
+            )
+            observation.set(status.ADDONS, False, "TenantAPIUnavailable", message)
             return
         except KubeRejected as exc:
+            self._tenant_backoff.pop(intent.cluster_id, None)
             observation.set(status.ADDONS, False, "Rejected", f"the tenant API refused: {exc}")
             return
+        self._tenant_backoff.pop(intent.cluster_id, None)
         observation.set(status.ADDONS, True, "Applied", f"{len(objects)} tenant objects applied")
 
     async def delete(self, intent: DeleteCluster, *, wait: float | None = None) -> bool:
@@ -675,6 +732,7 @@ class Reconciler:
         client = await self.management.client()
         self._applied.pop(intent.cluster_id, None)
         self._suspects.pop(intent.cluster_id, None)
+        self._tenant_backoff.pop(intent.cluster_id, None)
         path = f"/api/v1/namespaces/{names.namespace_for(intent.name)}"
         found = await client.get(path)
         if not _labelled_for(found, intent.cluster_id):

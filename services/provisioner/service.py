@@ -63,6 +63,9 @@ RESYNC_LEASE = "resync"
 
 def config_from_settings(settings: Settings) -> ProvisionerConfig:
     retry = kube.Retry(attempts=settings.kube_retry_attempts, timeout=settings.kube_timeout_seconds)
+    tenant_retry = kube.Retry(
+        attempts=1, timeout=5.0, connect_timeout=settings.tenant_connect_timeout_seconds
+    )
     return ProvisionerConfig(
         kubeconfig=settings.kubeconfig,
         image_registry=settings.image_registry,
@@ -70,6 +73,8 @@ def config_from_settings(settings: Settings) -> ProvisionerConfig:
         management_dns_domain=settings.management_dns_domain,
         node_address=settings.node_address,
         retry=retry,
+        tenant_retry=tenant_retry,
+        concurrency=settings.reconcile_concurrency,
     )
 
 
@@ -101,7 +106,6 @@ class ProvisionerService:
         self.watch = ClusterObjectsWatch(self.reconciler.management.client, self.wake)
         self.watch_debounce = 0.05
         """After a watch event, wait this long for the rest of the burst before passing."""
-        self._passes = asyncio.Semaphore(settings.reconcile_concurrency)
         self._consumer: Consumer | None = None
         self._rpc: list[Any] = []
         self._bus: Bus | None = None
@@ -280,8 +284,7 @@ class ProvisionerService:
             self.restores.ensure(record.cluster_id)
             return True
         before = record.model_dump_json()
-        async with self._passes:
-            observation = await self.reconciler.reconcile(record.intent, record, force=force)
+        observation = await self.reconciler.reconcile(record.intent, record, force=force)
         self.passes += 1
         event = status.build_status(observation, record.conditions, self.clock())
         digest = hashlib.sha256(repr(status.fingerprint(event)).encode()).hexdigest()

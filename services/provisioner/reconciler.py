@@ -245,6 +245,13 @@ def endpoint_of(
     )
 
 
+def service_cluster_ips(service: Mapping[str, Any]) -> list[str]:
+    """The ClusterIPs of a Service (`spec.clusterIPs`, else `spec.clusterIP`); none if headless."""
+    spec = service.get("spec") or {}
+    found = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    return [str(ip) for ip in found if ip and ip != "None"]
+
+
 def _live_node_ports(service: Mapping[str, Any] | None) -> dict[str, int]:
     """Port name -> NodePort of the live endpoint Service, if it is a NodePort Service."""
     if not service or (service.get("spec") or {}).get("type") != "NodePort":
@@ -408,14 +415,6 @@ class Reconciler:
                 observation.set(status.MANAGEMENT, True, "Available")
                 observation.unknown_from(status.PKI, "NodePortUnavailable", "")
                 return observation, None
-            changed = observation.checks.get(status.ENDPOINT)
-            if changed is not None and changed.reason == "EndpointChanged":
-                # The Service got its address during this pass: render once more for it, so
-                # certificates and the advertise address name it without waiting a pass.
-                observation = status.Observation(
-                    intent.cluster_id, intent.generation, was_ready=record.was_ready
-                )
-                addons_due = await self._reconcile(client, intent, record, observation)
         except KubeUnavailable as exc:
             addons_due = None
             observation.checks.clear()
@@ -467,7 +466,6 @@ class Reconciler:
                 return None
             record.upgrade_from = deployed
 
-        endpoint, _, _ = endpoint_of(intent, live_service, self.config.node_address)
         api_port, konnectivity_port = _node_ports(
             intent.cluster_id, _live_node_ports(live_service), port_attempt
         )
@@ -475,34 +473,36 @@ class Reconciler:
             image_registry=self.config.image_registry,
             node_port=api_port,
             konnectivity_node_port=konnectivity_port,
-            endpoint_host=endpoint.host if endpoint else None,
         )
         namespace_object = manifests.namespace(intent)
         await self._apply(client, intent.cluster_id, namespace_object, need_answer=False)
         record.applied = True
 
-        secrets = await self._reconcile_pki(client, intent, endpoint, base, observation)
+        # The Services first: the certificates and the advertise address name the addresses
+        # the endpoint Service has now (its load balancer's or node's, and its ClusterIPs).
+        applied: dict[tuple[str, str], dict[str, Any]] = {}
+        for obj in manifests.render_cluster(intent, base)[1:]:
+            if obj["kind"] == "Service":
+                await self._apply_rendered(client, intent.cluster_id, obj, applied)
+        service = applied[("Service", names.API_SERVICE)]
+        endpoint, endpoint_reason, endpoint_message = endpoint_of(
+            intent, service, self.config.node_address
+        )
+
+        secrets = await self._reconcile_pki(
+            client, intent, endpoint, service_cluster_ips(service), base, observation
+        )
         hashes = {name: secret_hash(data) for name, data in secrets.items()}
         render = manifests.RenderSettings(
             image_registry=base.image_registry,
             node_port=base.node_port,
             konnectivity_node_port=base.konnectivity_node_port,
-            endpoint_host=base.endpoint_host,
+            endpoint_host=endpoint.host if endpoint else None,
             secret_hashes=hashes,
         )
-        applied: dict[tuple[str, str], dict[str, Any]] = {}
         for obj in manifests.render_cluster(intent, render)[1:]:
-            key = (obj["kind"], obj["metadata"]["name"])
-            try:
-                answer = await self._apply(
-                    client, intent.cluster_id, obj, need_answer=key in _OBSERVED
-                )
-            except KubeRejected as exc:
-                if key == ("Service", names.API_SERVICE) and "already allocated" in str(exc):
-                    raise _PortTaken from exc
-                raise
-            if answer is not None:
-                applied[key] = answer
+            if obj["kind"] != "Service":
+                await self._apply_rendered(client, intent.cluster_id, obj, applied)
 
         # What the cluster had when last Ready tells a change rolling out from a loss.
         had = record.ready_capacity or status.Capacity.of(intent.spec)
@@ -542,21 +542,14 @@ class Reconciler:
             else:
                 observation.upgrading = True
 
-        seen, reason, message = endpoint_of(
-            intent, applied[("Service", names.API_SERVICE)], self.config.node_address
-        )
-        if seen is not None and seen != endpoint:
-            # Certificates and the advertise address were rendered for another address.
-            observation.set(status.ENDPOINT, False, "EndpointChanged", f"now at {seen.url}")
-            endpoint = None
-        elif seen is None:
-            observation.set(status.ENDPOINT, False, reason, message)
+        if endpoint is None:
+            observation.set(status.ENDPOINT, False, endpoint_reason, endpoint_message)
             if had.service_type != intent.spec.network.service_type:
                 observation.changing.add(status.ENDPOINT)  # a new type needs a new address
         else:
-            observation.set(status.ENDPOINT, True, "Assigned", seen.url)
-        observation.endpoint = seen
-        record.endpoint = seen
+            observation.set(status.ENDPOINT, True, "Assigned", endpoint.url)
+        observation.endpoint = endpoint
+        record.endpoint = endpoint
 
         if endpoint is None or not control_plane_ok:
             observation.set(
@@ -576,6 +569,25 @@ class Reconciler:
         return _AddonsDue(
             endpoint, secrets[names.SECRET_CA], manifests.konnectivity_port(intent, render)
         )
+
+    async def _apply_rendered(
+        self,
+        client: KubeClient,
+        cluster_id: str,
+        obj: Mapping[str, Any],
+        applied: dict[tuple[str, str], dict[str, Any]],
+    ) -> None:
+        """`_apply` one rendered object; what the API server answers for the objects a pass
+        reads (`_OBSERVED`) goes into `applied`."""
+        key = (obj["kind"], obj["metadata"]["name"])
+        try:
+            answer = await self._apply(client, cluster_id, obj, need_answer=key in _OBSERVED)
+        except KubeRejected as exc:
+            if key == ("Service", names.API_SERVICE) and "already allocated" in str(exc):
+                raise _PortTaken from exc
+            raise
+        if answer is not None:
+            applied[key] = answer
 
     async def _apply(
         self,
@@ -607,6 +619,7 @@ class Reconciler:
         client: KubeClient,
         intent: ReconcileCluster,
         endpoint: ClusterEndpoint | None,
+        service_ips: Sequence[str],
         render: manifests.RenderSettings,
         observation: status.Observation,
     ) -> dict[str, dict[str, bytes]]:
@@ -624,6 +637,7 @@ class Reconciler:
             intent.name,
             intent.spec,
             endpoint_hosts=[endpoint.host] if endpoint else [],
+            service_ips=service_ips,
             management_dns_domain=self.config.management_dns_domain,
             apiserver_port=manifests.apiserver_port(intent, render),
         )

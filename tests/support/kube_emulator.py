@@ -21,7 +21,9 @@ around them, and serves resource paths itself with what the provisioner relies o
   goes when a write empties its finalizers;
 - `metadata.uid`, `resourceVersion`, `creationTimestamp`, and `generation` bumped on every
   `spec` change; 409 on POST of an existing object; `labelSelector` (`k=v,...`); PUT;
-  `/status` touches only `status`; NodePort allocation with 422 on a taken port;
+  `/status` touches only `status`; NodePort allocation with 422 on a taken port; a ClusterIP
+  for every Service that is not headless (`spec.clusterIP`/`clusterIPs`, kept on updates, a
+  fresh one after a re-creation, as the API server's random allocation gives);
 - faults: `fail(...)` makes matching requests answer an error status or stall, N times;
 - watches (`?watch=true`, one namespace or all, with `labelSelector` and `resourceVersion`):
   every change made through the API, by `touch` or `remove`, and each object a namespace
@@ -40,6 +42,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import ipaddress
 import itertools
 import json
 import re
@@ -189,6 +192,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     requires_namespaces: bool = True
     _versions: Any = attrs.field(factory=lambda: itertools.count(1))
     _node_ports: dict[int, tuple[str | None, str]] = attrs.field(factory=dict)
+    service_cidr: str = "10.96.0.0/12"
+    """The management cluster's Service range, where ClusterIPs come from."""
+    _cluster_ips: dict[str, tuple[str | None, str]] = attrs.field(factory=dict)
+    _next_cluster_ip: int = 10
     _pending: set[asyncio.Task[None]] = attrs.field(factory=set)
     watch_history: int = 2_000
     _forgotten: int = 0
@@ -226,7 +233,20 @@ class KubeEmulator(kmock.KubernetesEmulator):
         """Delete behind the client's back (no cascade)."""
         obj = self.store[resource][namespace].pop(name, None)
         if obj is not None:
+            self._release(resource, namespace, name)
             self._emit(resource, "DELETED", obj, deleted=True)
+
+    def _release(self, resource: str, namespace: str | None, name: str) -> None:
+        """Free what a deleted object held: its applied configurations, a Service's ports."""
+        self._applied.pop((resource, namespace, name), None)
+        if resource == "v1/services":
+            owner = (namespace, name)
+            for port, used in list(self._node_ports.items()):
+                if used == owner:
+                    del self._node_ports[port]
+            for ip, used in list(self._cluster_ips.items()):
+                if used == owner:
+                    del self._cluster_ips[ip]
 
     def touch(self, resource: str, obj: Obj) -> None:
         """Record a change made by a test controller directly on a stored object."""
@@ -469,6 +489,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if current.get("status") is not None and route.subresource != "status":
                 obj["status"] = current["status"]
         if route.resource == "v1/services":
+            self._allocate_cluster_ip(route, obj, current)
             self._allocate_node_ports(route, obj, current)
         if route.resource == "v1/namespaces":
             spec = obj.setdefault("spec", {})
@@ -490,6 +511,48 @@ class KubeEmulator(kmock.KubernetesEmulator):
             hook(route.resource, obj)
         self._emit(route.resource, "ADDED" if current is None else "MODIFIED", obj)
         return obj
+
+    def _allocate_cluster_ip(self, route: Route, obj: Obj, current: Obj | None) -> None:
+        spec = obj.setdefault("spec", {})
+        if spec.get("type") == "ExternalName":
+            return
+        if current is not None:
+            # Immutable once allocated; an update that leaves it out keeps it.
+            kept = current.get("spec") or {}
+            for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
+                if key in kept:
+                    spec[key] = copy.deepcopy(kept[key])
+            return
+        wanted = spec.get("clusterIP")
+        if wanted == "None":
+            spec["clusterIPs"] = ["None"]
+        else:
+            network = ipaddress.ip_network(self.service_cidr)
+            if wanted:
+                if wanted in self._cluster_ips or ipaddress.ip_address(wanted) not in network:
+                    raise Problem(
+                        422,
+                        "Invalid",
+                        f'spec.clusterIPs: Invalid value: ["{wanted}"]: failed to allocate '
+                        "IP: provided IP is already allocated or out of range",
+                    )
+            else:
+                # The API server picks at random; the next free address after the last one
+                # handed out gives the same property: a re-created Service gets another IP.
+                size = network.num_addresses - 2
+                for _ in range(size):
+                    candidate = str(network.network_address + 1 + self._next_cluster_ip % size)
+                    self._next_cluster_ip += 1
+                    if candidate not in self._cluster_ips:
+                        wanted = candidate
+                        break
+                else:
+                    raise Problem(500, "InternalError", "the Service IP range is full")
+            spec["clusterIP"] = wanted
+            spec["clusterIPs"] = [wanted]
+            self._cluster_ips[str(wanted)] = (route.namespace, str(route.name))
+        spec.setdefault("ipFamilies", ["IPv4"])
+        spec.setdefault("ipFamilyPolicy", "SingleStack")
 
     def _allocate_node_ports(self, route: Route, obj: Obj, current: Obj | None) -> None:
         spec = obj.get("spec", {})
@@ -570,13 +633,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def _purge(self, route: Route, obj: Obj) -> Obj:
         bucket = self._bucket(route)
         del bucket[str(route.name)]
-        self._applied.pop((route.resource, route.namespace, str(route.name)), None)
+        self._release(route.resource, route.namespace, str(route.name))
         self._emit(route.resource, "DELETED", obj, deleted=True)
-        if route.resource == "v1/services":
-            owner = (route.namespace, str(route.name))
-            for port, used in list(self._node_ports.items()):
-                if used == owner:
-                    del self._node_ports[port]
         return {
             "kind": "Status",
             "apiVersion": "v1",
@@ -590,10 +648,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         for resource, buckets in self.store.items():
             if resource != "v1/namespaces":
                 for obj in (buckets.pop(name, None) or {}).values():
+                    self._release(resource, name, obj["metadata"]["name"])
                     self._emit(resource, "DELETED", obj, deleted=True)
-        for port, (namespace, _) in list(self._node_ports.items()):
-            if namespace == name:
-                del self._node_ports[port]
         current = self.store["v1/namespaces"][None].get(name)
         if current is None:
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,6 +54,17 @@ def deployment(management: ManagementCluster, name: str) -> dict[str, Any]:
     )
     assert found is not None
     return found
+
+
+def serving_ips(
+    management: ManagementCluster, namespace: str
+) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The IP SANs of the API server's serving certificate the provisioner wrote."""
+    secret = management.emulator.get("v1/secrets", namespace, names.SECRET_APISERVER)
+    assert secret is not None
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(sans.get_values_for_type(x509.IPAddress))
 
 
 async def reported_phases(api: httpx.AsyncClient, cluster_id: str) -> list[str]:
@@ -134,6 +146,38 @@ class TestProvisioning:
         assert tenant.get("v1/serviceaccounts", "kube-system", "konnectivity-agent") is not None
         agent = tenant.get("apps/v1/daemonsets", "kube-system", "konnectivity-agent")
         assert agent is not None
+
+    async def test_the_serving_certificate_names_the_endpoint_services_cluster_ip(
+        self,
+        api: httpx.AsyncClient,
+        provisioner: ProvisionerService,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        created = await create(api, "inside")
+        await wait_cluster(api, created["id"], phase("Ready"))
+        namespace = names.namespace_for("inside")
+        service = management.emulator.get("v1/services", namespace, names.API_SERVICE)
+        assert service is not None
+        cluster_ip = service["spec"]["clusterIP"]
+        # In-management-cluster clients dial the Service's ClusterIP and check it in the SANs.
+        assert ipaddress.ip_address(cluster_ip) in serving_ips(management, namespace)
+
+        # Re-created behind Nest's back, the Service has another ClusterIP: re-issued for it.
+        management.emulator.remove("v1/services", namespace, names.API_SERVICE)
+        for _ in range(100):
+            service = management.emulator.get("v1/services", namespace, names.API_SERVICE)
+            if service is not None and ipaddress.ip_address(
+                service["spec"]["clusterIP"]
+            ) in serving_ips(management, namespace):
+                break
+            await asyncio.sleep(0.05)
+        assert service is not None and service["spec"]["clusterIP"] != cluster_ip
+        assert ipaddress.ip_address(service["spec"]["clusterIP"]) in serving_ips(
+            management, namespace
+        )
+        assert ipaddress.ip_address(cluster_ip) not in serving_ips(management, namespace)
+        await wait_cluster(api, created["id"], phase("Ready"))
 
     async def test_a_repeated_intent_changes_nothing(
         self,

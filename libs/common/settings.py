@@ -114,7 +114,10 @@ class Settings(BaseSettings):
     """Tries of a Kubernetes API request that fails with 429, 5xx or a timeout."""
 
     reconcile_concurrency: int = Field(default=16, ge=1, le=256)
-    """Clusters the provisioner reconciles at the same time."""
+    """Clusters the provisioner reconciles at the same time (and, apart, tenant add-ons)."""
+
+    tenant_connect_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    """Longest a tenant API may take to accept a connection and finish the TLS handshake."""
 
     # Events and webhooks (API)
 

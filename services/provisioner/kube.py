@@ -75,6 +75,12 @@ class Retry:
     """Longest delay between two tries."""
     timeout: float = 10.0
     """Total time one try may take."""
+    connect_timeout: float | None = None
+    """Time connecting (TCP and the TLS handshake) may take of that; None: no bound of its
+    own. A server that accepts and never speaks TLS costs this, not `timeout`."""
+
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout)
 
     def delay(self, attempt: int) -> float:
         ceiling: float = min(self.max_delay, self.base_delay * 2.0**attempt)
@@ -179,7 +185,7 @@ class KubeClient:
                     response_types_map=_RESPONSE_TYPES,
                     auth_settings=["BearerToken"],
                     _return_http_data_only=True,
-                    _request_timeout=self.retry.timeout,
+                    _request_timeout=self.retry.client_timeout(),
                 )
             except ApiException as exc:
                 if exc.status not in _TRANSIENT_STATUSES:
@@ -285,7 +291,9 @@ class KubeClient:
                 _return_http_data_only=True,
                 _preload_content=False,
                 _request_timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.retry.timeout, sock_read=timeout_seconds + 30
+                    total=None,
+                    sock_connect=self.retry.connect_timeout or self.retry.timeout,
+                    sock_read=timeout_seconds + 30,
                 ),
             )
         except ApiException as exc:

@@ -14,10 +14,11 @@ What one cluster gets, in its own namespace of the management cluster:
 - PodDisruptionBudgets for etcd and the control plane.
 
 The certificates come from `services.provisioner.pki` as Secret data; `secret()` wraps them.
-Apply order: the Namespace (first item of `render_cluster`), then the PKI Secrets, then the
-rest of `render_cluster` in list order. Pods would wait for a missing Secret rather than fail,
-but their checksum annotation (`RenderSettings.secret_hashes`) describes Secrets that must
-already be there.
+Apply order: the Namespace (first item of `render_cluster`), then the Services (their
+rendering needs no Secret, and the API server's certificate names the endpoint Service's
+addresses), then the PKI Secrets, then the rest of `render_cluster` in list order. Pods would
+wait for a missing Secret rather than fail, but their checksum annotation
+(`RenderSettings.secret_hashes`) describes Secrets that must already be there.
 """
 
 from __future__ import annotations
@@ -168,10 +169,10 @@ _PLURALS: Mapping[str, str] = {
 
 
 def render_cluster(intent: ReconcileCluster, settings: RenderSettings) -> list[Manifest]:
-    """Every object of the cluster except its Secrets, in apply order.
+    """Every object of the cluster except its Secrets.
 
-    The Namespace comes first; apply the PKI Secrets (`secret()`) right after it, then the
-    rest in order: ConfigMaps, Services, the etcd StatefulSet, the Deployment, the budgets.
+    The Namespace comes first; apply the Services next, then the PKI Secrets (`secret()`),
+    then the rest in order: ConfigMaps, the etcd StatefulSet, the Deployment, the budgets.
     """
     objects: list[Manifest] = [namespace(intent)]
     if intent.spec.addons.konnectivity.enabled:

@@ -196,6 +196,9 @@ class PKIInputs:
     """etcd members; each one's DNS names go into the etcd certificates."""
     endpoint_hosts: tuple[str, ...] = ()
     """Addresses (IP or DNS name) clients reach the API at; empty while still unknown."""
+    service_ips: tuple[str, ...] = ()
+    """Cluster IPs of the endpoint Service in the management cluster (its `spec.clusterIPs`),
+    which clients inside the management cluster dial; empty while it has none."""
     management_dns_domain: str = "cluster.local"
     """DNS domain of the management cluster, where the etcd and API Services live."""
     apiserver_port: int = names.API_PORT
@@ -228,6 +231,7 @@ class PKIInputs:
         # A list passed by the caller would make the dataclass unhashable and mutable.
         hosts = tuple(_endpoint_host(host) for host in self.endpoint_hosts)
         object.__setattr__(self, "endpoint_hosts", hosts)
+        object.__setattr__(self, "service_ips", tuple(_service_ip(ip) for ip in self.service_ips))
 
     @classmethod
     def for_cluster(
@@ -237,8 +241,10 @@ class PKIInputs:
         endpoint_hosts: Iterable[str] = (),
         management_dns_domain: str = "cluster.local",
         apiserver_port: int = names.API_PORT,
+        service_ips: Iterable[str] = (),
     ) -> PKIInputs:
-        """The inputs of cluster `name` with `spec`, reached at `endpoint_hosts` once known."""
+        """The inputs of cluster `name` with `spec`, reached at `endpoint_hosts` once known
+        and at `service_ips` inside the management cluster."""
         return cls(
             cluster_name=name,
             namespace=names.namespace_for(name),
@@ -246,6 +252,7 @@ class PKIInputs:
             dns_domain=spec.network.dns_domain,
             etcd_replicas=spec.datastore.replicas,
             endpoint_hosts=tuple(endpoint_hosts),
+            service_ips=tuple(service_ips),
             management_dns_domain=management_dns_domain,
             apiserver_port=apiserver_port,
             konnectivity=spec.addons.konnectivity.enabled,
@@ -551,7 +558,12 @@ def _leaves(inputs: PKIInputs) -> tuple[_Leaf, ...]:
         ]
     )
     apiserver_ips = _unique(
-        [service_network.network_address + 1, *endpoint_ips, ipaddress.ip_address("127.0.0.1")]
+        [
+            service_network.network_address + 1,
+            *endpoint_ips,
+            *(ipaddress.ip_address(ip) for ip in inputs.service_ips),
+            ipaddress.ip_address("127.0.0.1"),
+        ]
     )
     etcd_dns = _unique(
         [
@@ -1040,6 +1052,13 @@ def _endpoint_host(host: str) -> str:
             f"endpoint host {host!r} is neither an IP address nor a DNS name"
         )
     return normalized
+
+
+def _service_ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidPKIInputError(f"service IP {value!r} is not an IP address") from None
 
 
 def _split_hosts(hosts: Iterable[str]) -> tuple[list[str], list[IPAddress]]:

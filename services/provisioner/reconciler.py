@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 TENANT_CONNECTIONS = 4
 """Connections (and so concurrent requests) per tenant API during a pass."""
+TENANT_BACKOFF_FIRST = 1.0
+TENANT_BACKOFF_MAX = 60.0
+"""Pause (seconds) before the add-ons of a cluster whose tenant API did not answer are tried
+again: the first, doubled after each failure up to the last; passes in between skip them."""
 
 Clock = Callable[[], datetime]
 
@@ -52,10 +56,17 @@ class ProvisionerConfig:
     """Endpoint host of NodePort clusters."""
     retry: kube.Retry = field(default_factory=kube.Retry)
     """Retries of management-cluster requests."""
-    tenant_retry: kube.Retry = field(default_factory=lambda: kube.Retry(attempts=1, timeout=5.0))
-    """Retries of tenant requests: one try per pass, the next pass is the retry."""
+    tenant_retry: kube.Retry = field(
+        default_factory=lambda: kube.Retry(attempts=1, timeout=5.0, connect_timeout=3.0)
+    )
+    """Retries of tenant requests: one try per pass, the next pass is the retry; connecting
+    (TCP and TLS) is bounded apart, so a tenant that never answers costs little."""
+    concurrency: int = 16
+    """Passes against the management cluster at the same time; tenant add-on steps have as
+    many slots of their own, so tenants that stall never hold up management passes."""
     delete_timeout_seconds: float = 30.0
-    """How long a delete waits for the namespace to disappear before trying again later."""
+    """How long a delete intent waits for the namespace to disappear; a namespace still
+    terminating then is followed by the service until it is gone (the intent is done)."""
     tenant_credential_lifetime: timedelta = timedelta(hours=1)
     """Lifetime of the admin certificate the provisioner uses on tenant APIs."""
 
@@ -171,6 +182,33 @@ def deployment_rolled_out(obj: Mapping[str, Any], replicas: int) -> tuple[bool, 
     return True, f"{available}/{replicas} control-plane replicas available"
 
 
+def _count(obj: Mapping[str, Any], field_name: str) -> int:
+    return int((obj.get("status") or {}).get(field_name) or 0)
+
+
+def control_plane_lost(obj: Mapping[str, Any], replicas: int, had: int) -> bool:
+    """Whether the control plane has fewer available replicas than it had when last Ready
+    (`had`), or than the spec asks for now if that is fewer: a loss, not a rollout.
+
+    Rollouts surge first (maxUnavailable 0), so a scale or a template change never takes
+    availability below that."""
+    return _count(obj, "availableReplicas") < min(replicas, had)
+
+
+def datastore_lost(obj: Mapping[str, Any], replicas: int, had: int) -> bool:
+    """Whether fewer etcd members are ready than when the cluster was last Ready (`had`), or
+    than the spec asks for now if that is fewer, beyond the one member a rolling update of
+    the StatefulSet restarts at a time: a member gone, not a rollout."""
+    observed = obj.get("status") or {}
+    generation = (obj.get("metadata") or {}).get("generation")
+    rolling = (
+        (generation is not None and observed.get("observedGeneration", 0) < generation)
+        or observed.get("updateRevision") != observed.get("currentRevision")
+        or _count(obj, "updatedReplicas") < _count(obj, "replicas")
+    )
+    return _count(obj, "readyReplicas") < min(replicas, had) - (1 if rolling else 0)
+
+
 def endpoint_of(
     intent: ReconcileCluster, service: Mapping[str, Any] | None, node_address: str | None
 ) -> tuple[ClusterEndpoint | None, str, str]:
@@ -207,6 +245,13 @@ def endpoint_of(
     )
 
 
+def service_cluster_ips(service: Mapping[str, Any]) -> list[str]:
+    """The ClusterIPs of a Service (`spec.clusterIPs`, else `spec.clusterIP`); none if headless."""
+    spec = service.get("spec") or {}
+    found = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    return [str(ip) for ip in found if ip and ip != "None"]
+
+
 def _live_node_ports(service: Mapping[str, Any] | None) -> dict[str, int]:
     """Port name -> NodePort of the live endpoint Service, if it is a NodePort Service."""
     if not service or (service.get("spec") or {}).get("type") != "NodePort":
@@ -234,6 +279,36 @@ def _node_ports(
     return api, konnectivity
 
 
+@dataclass(frozen=True)
+class _Applied:
+    """What this process last applied at one REST path."""
+
+    digest: bytes
+    """A digest of the rendered object."""
+    version: str | None
+    """The resourceVersion the API server answered the apply with."""
+
+
+@dataclass(frozen=True)
+class _AddonsDue:
+    """What the tenant add-ons of a pass need once the control plane is ready."""
+
+    endpoint: ClusterEndpoint
+    ca_secret: Mapping[str, bytes]
+    konnectivity_port: int
+
+
+@dataclass(frozen=True)
+class _TenantBackoff:
+    """A tenant API that did not answer, and when its add-ons may be tried again."""
+
+    url: str
+    delay: float
+    until: float
+    """`time.monotonic()` after which the next try is due."""
+    message: str
+
+
 class _PortTaken(Exception):
     """The management cluster refused the endpoint Service's NodePort: another holds it."""
 
@@ -250,12 +325,38 @@ class Reconciler:
         self.clock = clock
         self.management = ManagementCluster(config)
         self.tenants = TenantClients(config, clock)
-        self._applied: dict[str, dict[str, str]] = {}
-        """Cluster id -> REST path -> digest of what was last applied there. A pass that would
-        apply the same again skips the write (a resync forces it, to heal drift)."""
+        self._applied: dict[str, dict[str, _Applied]] = {}
+        """Cluster id -> REST path -> what was last applied there. A pass that would apply
+        the same again skips the write (a resync forces it, to heal drift)."""
+        self._management_slots = asyncio.Semaphore(config.concurrency)
+        self._tenant_slots = asyncio.Semaphore(config.concurrency)
+        self._tenant_backoff: dict[str, _TenantBackoff] = {}
+        """Cluster id -> when its add-ons may be tried again after its tenant API failed."""
+        self._suspects: dict[str, dict[str, str | None]] = {}
+        """Cluster id -> REST path -> resourceVersion of a change a watch reported (None:
+        deleted); checked against `_applied` at the start of the cluster's next pass."""
 
     async def close(self) -> None:
         await self.management.close()
+
+    def suspect(self, cluster_id: str, path: str, version: str | None) -> None:
+        """A watch saw the object at `path` deleted (`version` None) or its content changed
+        at `version`: unless that was this process's own write, the next pass applies it
+        again instead of trusting what it applied before."""
+        if path in self._applied.get(cluster_id, {}):
+            self._suspects.setdefault(cluster_id, {})[path] = version
+
+    def _drop_stale(self, cluster_id: str) -> None:
+        """Forget what was applied to objects changed by someone else since (see `suspect`).
+
+        Checked at the start of a pass rather than when the watch event arrives: the event of
+        this process's own write may arrive before the write's answer is recorded."""
+        suspects = self._suspects.pop(cluster_id, {})
+        applied = self._applied.get(cluster_id, {})
+        for path, version in suspects.items():
+            entry = applied.get(path)
+            if entry is not None and (version is None or version != entry.version):
+                del applied[path]
 
     async def reconcile(
         self, intent: ReconcileCluster, record: ClusterRecord, *, force: bool = False
@@ -263,10 +364,25 @@ class Reconciler:
         """One pass; updates `record` (applied, upgrade_from, endpoint) as a side effect.
 
         `force` re-applies every object even if this process applied the same before (the
-        resync does, so objects deleted or changed behind Nest's back come back).
+        resync does, so objects deleted or changed behind Nest's back come back). The
+        management part and the tenant add-ons take a slot each of their own concurrency.
         """
+        async with self._management_slots:
+            observation, addons_due = await self._reconcile_management(intent, record, force)
+        if addons_due is not None:
+            async with self._tenant_slots:
+                await self._reconcile_addons(intent, addons_due, observation)
+        return observation
+
+    async def _reconcile_management(
+        self, intent: ReconcileCluster, record: ClusterRecord, force: bool
+    ) -> tuple[status.Observation, _AddonsDue | None]:
+        """The management cluster's part of a pass, and the add-ons to apply if it is ready."""
         if force:
             self._applied.pop(intent.cluster_id, None)
+            self._suspects.pop(intent.cluster_id, None)
+        else:
+            self._drop_stale(intent.cluster_id)
         observation = status.Observation(
             intent.cluster_id, intent.generation, was_ready=record.was_ready
         )
@@ -278,11 +394,12 @@ class Reconciler:
             observation.unknown_from(
                 status.PKI, "ManagementClusterUnavailable", "waiting for a management cluster"
             )
-            return observation
+            return observation, None
+        addons_due: _AddonsDue | None = None
         try:
             for attempt in range(NODE_PORT_ATTEMPTS):
                 try:
-                    await self._reconcile(client, intent, record, observation, attempt)
+                    addons_due = await self._reconcile(client, intent, record, observation, attempt)
                     break
                 except _PortTaken:
                     log.info("NodePort taken; trying the next", extra=_ids(intent))
@@ -297,16 +414,9 @@ class Reconciler:
                 )
                 observation.set(status.MANAGEMENT, True, "Available")
                 observation.unknown_from(status.PKI, "NodePortUnavailable", "")
-                return observation
-            changed = observation.checks.get(status.ENDPOINT)
-            if changed is not None and changed.reason == "EndpointChanged":
-                # The Service got its address during this pass: render once more for it, so
-                # certificates and the advertise address name it without waiting a pass.
-                observation = status.Observation(
-                    intent.cluster_id, intent.generation, was_ready=record.was_ready
-                )
-                await self._reconcile(client, intent, record, observation)
+                return observation, None
         except KubeUnavailable as exc:
+            addons_due = None
             observation.checks.clear()
             observation.set(
                 status.MANAGEMENT,
@@ -318,9 +428,10 @@ class Reconciler:
                 status.PKI, "ManagementClusterUnavailable", "waiting for the management API"
             )
         except KubeRejected as exc:
+            addons_due = None
             observation.failure = ("Rejected", f"the management cluster refused a change: {exc}")
             observation.unknown_from(status.PKI, "Rejected", str(exc))
-        return observation
+        return observation, addons_due
 
     async def _reconcile(
         self,
@@ -329,7 +440,8 @@ class Reconciler:
         record: ClusterRecord,
         observation: status.Observation,
         port_attempt: int = 0,
-    ) -> None:
+    ) -> _AddonsDue | None:
+        """The management objects of one render; the add-ons to apply if they are due."""
         namespace = names.namespace_for(intent.name)
         deployment_path = (
             f"/apis/apps/v1/namespaces/{namespace}/deployments/{names.CONTROL_PLANE_DEPLOYMENT}"
@@ -351,10 +463,9 @@ class Reconciler:
                     f"{exc}; the control plane keeps running {deployed}",
                 )
                 observation.unknown_from(status.PKI, "UpgradeRefused", str(exc))
-                return
+                return None
             record.upgrade_from = deployed
 
-        endpoint, _, _ = endpoint_of(intent, live_service, self.config.node_address)
         api_port, konnectivity_port = _node_ports(
             intent.cluster_id, _live_node_ports(live_service), port_attempt
         )
@@ -362,47 +473,50 @@ class Reconciler:
             image_registry=self.config.image_registry,
             node_port=api_port,
             konnectivity_node_port=konnectivity_port,
-            endpoint_host=endpoint.host if endpoint else None,
         )
         namespace_object = manifests.namespace(intent)
         await self._apply(client, intent.cluster_id, namespace_object, need_answer=False)
         record.applied = True
 
-        secrets = await self._reconcile_pki(client, intent, endpoint, base, observation)
+        # The Services first: the certificates and the advertise address name the addresses
+        # the endpoint Service has now (its load balancer's or node's, and its ClusterIPs).
+        applied: dict[tuple[str, str], dict[str, Any]] = {}
+        for obj in manifests.render_cluster(intent, base)[1:]:
+            if obj["kind"] == "Service":
+                await self._apply_rendered(client, intent.cluster_id, obj, applied)
+        service = applied[("Service", names.API_SERVICE)]
+        endpoint, endpoint_reason, endpoint_message = endpoint_of(
+            intent, service, self.config.node_address
+        )
+
+        secrets = await self._reconcile_pki(
+            client, intent, endpoint, service_cluster_ips(service), base, observation
+        )
         hashes = {name: secret_hash(data) for name, data in secrets.items()}
         render = manifests.RenderSettings(
             image_registry=base.image_registry,
             node_port=base.node_port,
             konnectivity_node_port=base.konnectivity_node_port,
-            endpoint_host=base.endpoint_host,
+            endpoint_host=endpoint.host if endpoint else None,
             secret_hashes=hashes,
         )
-        applied: dict[tuple[str, str], dict[str, Any]] = {}
         for obj in manifests.render_cluster(intent, render)[1:]:
-            key = (obj["kind"], obj["metadata"]["name"])
-            try:
-                answer = await self._apply(
-                    client, intent.cluster_id, obj, need_answer=key in _OBSERVED
-                )
-            except KubeRejected as exc:
-                if key == ("Service", names.API_SERVICE) and "already allocated" in str(exc):
-                    raise _PortTaken from exc
-                raise
-            if answer is not None:
-                applied[key] = answer
+            if obj["kind"] != "Service":
+                await self._apply_rendered(client, intent.cluster_id, obj, applied)
 
-        ok, message = statefulset_ready(
-            applied[("StatefulSet", names.ETCD_STATEFULSET)], intent.spec.datastore.replicas
-        )
+        # What the cluster had when last Ready tells a change rolling out from a loss.
+        had = record.ready_capacity or status.Capacity.of(intent.spec)
+        etcd = applied[("StatefulSet", names.ETCD_STATEFULSET)]
+        ok, message = statefulset_ready(etcd, intent.spec.datastore.replicas)
         observation.set(
             status.DATASTORE, ok, "MembersReady" if ok else "WaitingForMembers", message
         )
         datastore_ok = ok
+        if not ok and not datastore_lost(etcd, intent.spec.datastore.replicas, had.datastore):
+            observation.changing.add(status.DATASTORE)
 
-        ok, message = deployment_rolled_out(
-            applied[("Deployment", names.CONTROL_PLANE_DEPLOYMENT)],
-            intent.spec.control_plane.replicas,
-        )
+        control_plane = applied[("Deployment", names.CONTROL_PLANE_DEPLOYMENT)]
+        ok, message = deployment_rolled_out(control_plane, intent.spec.control_plane.replicas)
         control_plane_ok = ok and datastore_ok
         if ok and not datastore_ok:
             message = f"{message}; waiting for etcd"
@@ -412,6 +526,12 @@ class Reconciler:
             "RolledOut" if control_plane_ok else "RollingOut",
             message,
         )
+        etcd_kept = datastore_ok or status.DATASTORE in observation.changing
+        replicas_kept = ok or not control_plane_lost(
+            control_plane, intent.spec.control_plane.replicas, had.control_plane
+        )
+        if not control_plane_ok and etcd_kept and replicas_kept:
+            observation.changing.add(status.CONTROL_PLANE)
         if record.upgrade_from is not None:
             if control_plane_ok:
                 log.info(
@@ -422,19 +542,14 @@ class Reconciler:
             else:
                 observation.upgrading = True
 
-        seen, reason, message = endpoint_of(
-            intent, applied[("Service", names.API_SERVICE)], self.config.node_address
-        )
-        if seen is not None and seen != endpoint:
-            # Certificates and the advertise address were rendered for another address.
-            observation.set(status.ENDPOINT, False, "EndpointChanged", f"now at {seen.url}")
-            endpoint = None
-        elif seen is None:
-            observation.set(status.ENDPOINT, False, reason, message)
+        if endpoint is None:
+            observation.set(status.ENDPOINT, False, endpoint_reason, endpoint_message)
+            if had.service_type != intent.spec.network.service_type:
+                observation.changing.add(status.ENDPOINT)  # a new type needs a new address
         else:
-            observation.set(status.ENDPOINT, True, "Assigned", seen.url)
-        observation.endpoint = seen
-        record.endpoint = seen
+            observation.set(status.ENDPOINT, True, "Assigned", endpoint.url)
+        observation.endpoint = endpoint
+        record.endpoint = endpoint
 
         if endpoint is None or not control_plane_ok:
             observation.set(
@@ -443,14 +558,36 @@ class Reconciler:
                 "WaitingForControlPlane",
                 "add-ons are installed once the control plane is ready at its endpoint",
             )
-            return
-        await self._reconcile_addons(
-            intent,
-            endpoint,
-            secrets[names.SECRET_CA],
-            manifests.konnectivity_port(intent, render),
-            observation,
+            waiting_for = {
+                type_
+                for type_ in (status.CONTROL_PLANE, status.ENDPOINT)
+                if observation.checks[type_].status != "True"
+            }
+            if waiting_for <= observation.changing:
+                observation.changing.add(status.ADDONS)
+            return None
+        return _AddonsDue(
+            endpoint, secrets[names.SECRET_CA], manifests.konnectivity_port(intent, render)
         )
+
+    async def _apply_rendered(
+        self,
+        client: KubeClient,
+        cluster_id: str,
+        obj: Mapping[str, Any],
+        applied: dict[tuple[str, str], dict[str, Any]],
+    ) -> None:
+        """`_apply` one rendered object; what the API server answers for the objects a pass
+        reads (`_OBSERVED`) goes into `applied`."""
+        key = (obj["kind"], obj["metadata"]["name"])
+        try:
+            answer = await self._apply(client, cluster_id, obj, need_answer=key in _OBSERVED)
+        except KubeRejected as exc:
+            if key == ("Service", names.API_SERVICE) and "already allocated" in str(exc):
+                raise _PortTaken from exc
+            raise
+        if answer is not None:
+            applied[key] = answer
 
     async def _apply(
         self,
@@ -463,16 +600,18 @@ class Reconciler:
         """Server-side apply `obj` unless this process applied exactly it before; then only
         read it back if the caller needs its status (or recreate it if it went away)."""
         path = manifests.resource_path(obj)
-        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).digest()
         applied = self._applied.setdefault(cluster_id, {})
-        if applied.get(path) == digest:
+        known = applied.get(path)
+        if known is not None and known.digest == digest:
             if not need_answer:
                 return None
             live = await client.get(path)
             if live is not None:
                 return live
         answer = await client.apply(path, obj)
-        applied[path] = digest
+        version = (answer.get("metadata") or {}).get("resourceVersion")
+        applied[path] = _Applied(digest, str(version) if version else None)
         return answer
 
     async def _reconcile_pki(
@@ -480,6 +619,7 @@ class Reconciler:
         client: KubeClient,
         intent: ReconcileCluster,
         endpoint: ClusterEndpoint | None,
+        service_ips: Sequence[str],
         render: manifests.RenderSettings,
         observation: status.Observation,
     ) -> dict[str, dict[str, bytes]]:
@@ -497,6 +637,7 @@ class Reconciler:
             intent.name,
             intent.spec,
             endpoint_hosts=[endpoint.host] if endpoint else [],
+            service_ips=service_ips,
             management_dns_domain=self.config.management_dns_domain,
             apiserver_port=manifests.apiserver_port(intent, render),
         )
@@ -545,13 +686,16 @@ class Reconciler:
         await client.apply(manifests.resource_path(obj), obj)
 
     async def _reconcile_addons(
-        self,
-        intent: ReconcileCluster,
-        endpoint: ClusterEndpoint,
-        ca_secret: Mapping[str, bytes],
-        konnectivity_port: int,
-        observation: status.Observation,
+        self, intent: ReconcileCluster, due: _AddonsDue, observation: status.Observation
     ) -> None:
+        endpoint, ca_secret = due.endpoint, due.ca_secret
+        backoff = self._tenant_backoff.get(intent.cluster_id)
+        if backoff is not None and backoff.url == endpoint.url:
+            if time.monotonic() < backoff.until:
+                observation.set(status.ADDONS, False, "TenantAPIUnavailable", backoff.message)
+                return
+        else:
+            backoff = None
         objects = addons.render_addons(
             intent,
             addons.AddonInputs(
@@ -559,7 +703,7 @@ class Reconciler:
                 endpoint_port=endpoint.port,
                 ca_pem=ca_secret[pki.TLS_CRT],
                 image_registry=self.config.image_registry,
-                konnectivity_port=konnectivity_port,
+                konnectivity_port=due.konnectivity_port,
             ),
         )
         try:
@@ -567,38 +711,60 @@ class Reconciler:
                 await tenant.ping()
                 await apply_in_order(tenant, objects, concurrency=TENANT_CONNECTIONS)
         except KubeUnavailable as exc:
-            observation.set(
-                status.ADDONS,
-                False,
-                "TenantAPIUnavailable",
-                f"waiting for the cluster's API at {endpoint.url}: {exc}",
+            delay = (
+                TENANT_BACKOFF_FIRST
+                if backoff is None
+                else min(backoff.delay * 2, TENANT_BACKOFF_MAX)
             )
+            message = (
+                f"waiting for the cluster's API at {endpoint.url}: {exc}; retrying in {delay:g} s"
+            )
+            self._tenant_backoff[intent.cluster_id] = _TenantBackoff(
+                endpoint.url, delay, time.monotonic() + delay, message
+            )
+            observation.set(status.ADDONS, False, "TenantAPIUnavailable", message)
             return
         except KubeRejected as exc:
+            self._tenant_backoff.pop(intent.cluster_id, None)
             observation.set(status.ADDONS, False, "Rejected", f"the tenant API refused: {exc}")
             return
+        self._tenant_backoff.pop(intent.cluster_id, None)
         observation.set(status.ADDONS, True, "Applied", f"{len(objects)} tenant objects applied")
 
-    async def delete(self, intent: DeleteCluster) -> None:
-        """Delete the cluster's namespace and wait until it is gone.
+    async def delete(self, intent: DeleteCluster, *, wait: float | None = None) -> bool:
+        """Delete the cluster's namespace, unless its deletion is under way already, and wait
+        up to `wait` seconds (default: the delete timeout) for it to be gone.
 
-        Raises `KubeUnavailable` when the API does not answer or the namespace is still
-        terminating at the deadline, and `KubeNotConfigured` without a management cluster.
+        True once it is gone (or is not this cluster's: gone already, or a newer cluster's of
+        the same name); False while it is still terminating: its content is being removed or
+        a finalizer holds it, and the deletion only needs time. A namespace with a
+        `deletionTimestamp` is not deleted again, and a 409 Conflict answer (the API server's
+        "the system is ensuring all content is removed from this namespace", for a namespace
+        someone else deleted meanwhile) means the same: under way. Raises `KubeUnavailable`
+        when the API does not answer and `KubeNotConfigured` without a management cluster.
         """
         client = await self.management.client()
         self._applied.pop(intent.cluster_id, None)
+        self._suspects.pop(intent.cluster_id, None)
+        self._tenant_backoff.pop(intent.cluster_id, None)
         path = f"/api/v1/namespaces/{names.namespace_for(intent.name)}"
         found = await client.get(path)
-        labels = (found or {}).get("metadata", {}).get("labels") or {}
-        if labels.get(names.CLUSTER_ID_LABEL) != intent.cluster_id:
-            return  # gone already, or it belongs to a newer cluster of the same name
-        await client.delete(path)
-        deadline = time.monotonic() + self.config.delete_timeout_seconds
+        if not _labelled_for(found, intent.cluster_id):
+            return True
+        assert found is not None
+        uid = found["metadata"].get("uid")
+        if not found["metadata"].get("deletionTimestamp"):
+            await _delete_namespace(client, path)
+        deadline = time.monotonic() + (self.config.delete_timeout_seconds if wait is None else wait)
         pause = 0.05
-        while await client.get(path) is not None:
-            if time.monotonic() > deadline:
-                raise KubeUnavailable(f"namespace {path} is still terminating")
-            await asyncio.sleep(pause)
+        while True:
+            current = await client.get(path)
+            if current is None or current["metadata"].get("uid") != uid:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(pause, left))
             pause = min(pause * 2, 2.0)
 
     async def admin_kubeconfig(
@@ -657,10 +823,12 @@ class Reconciler:
         client = await self.management.client()
         path = f"/api/v1/namespaces/{names.namespace_for(record.name)}"
         found = await client.get(path)
-        labels = (found or {}).get("metadata", {}).get("labels") or {}
-        if labels.get(names.CLUSTER_ID_LABEL) != record.cluster_id:
+        if not _labelled_for(found, record.cluster_id):
             return False
-        return await client.delete(path)
+        assert found is not None
+        if found["metadata"].get("deletionTimestamp"):
+            return False  # under way already
+        return await _delete_namespace(client, path)
 
     async def labelled_namespaces(self) -> list[tuple[str, str]]:
         """(namespace, cluster id) of every namespace Nest labelled for a cluster."""
@@ -674,6 +842,26 @@ class Reconciler:
             if names.CLUSTER_ID_LABEL in labels:
                 result.append((item["metadata"]["name"], labels[names.CLUSTER_ID_LABEL]))
         return result
+
+
+def _labelled_for(namespace: Mapping[str, Any] | None, cluster_id: str) -> bool:
+    """Whether `namespace` exists and is labelled for cluster `cluster_id`."""
+    labels = (namespace or {}).get("metadata", {}).get("labels") or {}
+    return bool(labels.get(names.CLUSTER_ID_LABEL) == cluster_id)
+
+
+async def _delete_namespace(client: KubeClient, path: str) -> bool:
+    """Delete the namespace at `path`; True if this request started its deletion.
+
+    A namespace already terminating answers 409 Conflict while its content is being
+    removed: its deletion is under way, which is what was asked for.
+    """
+    try:
+        return await client.delete(path)
+    except KubeRejected as exc:
+        if exc.status == 409:
+            return False
+        raise
 
 
 def _ids(intent: ReconcileCluster) -> dict[str, object]:

@@ -4,8 +4,9 @@ the kubeconfig request handler. Transport stays thin; the work is in `reconciler
 - Intents (`nest.intent.provisioner.reconcile|delete`) arrive on one durable consumer. A
   reconcile intent is recorded (the last intent per cluster, in the `nest_provisioner_clusters`
   bucket), passed once, and acked; a cluster that is not Ready yet is then passed again by a
-  follow-up task until it is. A delete intent is acked only after the namespace is gone and
-  `ClusterDeleted` was published.
+  follow-up task until it is. A delete intent is acked once the namespace is gone and
+  `ClusterDeleted` was published, or, if the namespace is still terminating after the delete
+  timeout, once a follow-up task took over waiting for it (never dead-lettered for that).
 - A status event is published at every transition (phase, conditions, endpoint), never twice
   for the same state.
 - The resync, run by the one replica that holds the `resync` lease, passes every known cluster
@@ -51,7 +52,7 @@ from services.provisioner.kube import KubeError, KubeNotConfigured
 from services.provisioner.reconciler import Clock, ProvisionerConfig, Reconciler, utcnow
 from services.provisioner.restore import RestoreConfig, Restores, default_image
 from services.provisioner.store import ClusterRecord, ClusterStore, open_leases
-from services.provisioner.watch import ReadinessWatch
+from services.provisioner.watch import ClusterObjectsWatch, ObjectChange
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ RESYNC_LEASE = "resync"
 
 def config_from_settings(settings: Settings) -> ProvisionerConfig:
     retry = kube.Retry(attempts=settings.kube_retry_attempts, timeout=settings.kube_timeout_seconds)
+    tenant_retry = kube.Retry(
+        attempts=1, timeout=5.0, connect_timeout=settings.tenant_connect_timeout_seconds
+    )
     return ProvisionerConfig(
         kubeconfig=settings.kubeconfig,
         image_registry=settings.image_registry,
@@ -69,6 +73,8 @@ def config_from_settings(settings: Settings) -> ProvisionerConfig:
         management_dns_domain=settings.management_dns_domain,
         node_address=settings.node_address,
         retry=retry,
+        tenant_retry=tenant_retry,
+        concurrency=settings.reconcile_concurrency,
     )
 
 
@@ -97,10 +103,9 @@ class ProvisionerService:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
-        self.watch = ReadinessWatch(self.reconciler.management.client, self.wake)
+        self.watch = ClusterObjectsWatch(self.reconciler.management.client, self.wake)
         self.watch_debounce = 0.05
         """After a watch event, wait this long for the rest of the burst before passing."""
-        self._passes = asyncio.Semaphore(settings.reconcile_concurrency)
         self._consumer: Consumer | None = None
         self._rpc: list[Any] = []
         self._bus: Bus | None = None
@@ -226,19 +231,33 @@ class ProvisionerService:
                 record.delete_requested = True
                 record.generation = max(record.generation, intent.generation)
                 await self.store.put(record)
-            await self._finish_delete(record)
+            gone = await self._finish_delete(record)
         follower = self._followers.pop(intent.cluster_id, None)
         if follower is not None:
             follower.cancel()
+        if not gone:
+            # The namespace is terminating and only needs time (pods stopping, a finalizer):
+            # the intent is done, recorded as `delete_requested`; a follow-up reports the
+            # cluster gone once the namespace is (the resync would too, after a restart).
+            log.info(
+                "cluster namespace still terminating; following its deletion",
+                extra=_ids(intent),
+            )
+            self._follow(intent.cluster_id)
 
-    async def _finish_delete(self, record: ClusterRecord) -> None:
-        """Delete the cluster's objects (unless done), record the tombstone, report it gone."""
+    async def _finish_delete(self, record: ClusterRecord, *, wait: float | None = None) -> bool:
+        """Delete the cluster's objects (unless done) and wait up to `wait` seconds (default:
+        the delete timeout) for them to go; once gone, record the tombstone and report it.
+
+        False while the namespace is still terminating (its deletion is under way).
+        """
         if not record.deleted:
             intent = DeleteCluster(
                 cluster_id=record.cluster_id, name=record.name, generation=max(1, record.generation)
             )
             try:
-                await self.reconciler.delete(intent)
+                if not await self.reconciler.delete(intent, wait=wait):
+                    return False
             except KubeNotConfigured:
                 if record.applied:
                     raise
@@ -252,6 +271,7 @@ class ProvisionerService:
             source=SOURCE,
             subject=record.cluster_id,
         )
+        return True
 
     # Passes
 
@@ -264,13 +284,13 @@ class ProvisionerService:
             self.restores.ensure(record.cluster_id)
             return True
         before = record.model_dump_json()
-        async with self._passes:
-            observation = await self.reconciler.reconcile(record.intent, record, force=force)
+        observation = await self.reconciler.reconcile(record.intent, record, force=force)
         self.passes += 1
         event = status.build_status(observation, record.conditions, self.clock())
         digest = hashlib.sha256(repr(status.fingerprint(event)).encode()).hexdigest()
         if event.phase == "Ready":
             record.was_ready = True
+            record.ready_capacity = status.Capacity.of(record.intent.spec)
         if digest != record.reported:
             record.conditions = event.conditions
             record.reported = digest
@@ -293,11 +313,27 @@ class ProvisionerService:
             event.phase == "Failed" and event.reason == "UpgradeRefused"
         )
 
-    def wake(self, cluster_id: str) -> None:
+    async def _deletion_done(self, record: ClusterRecord) -> bool:
+        """One look at a deletion under way (the caller holds the cluster's lock)."""
+        try:
+            return await self._finish_delete(record, wait=0.0)
+        except KubeError as exc:
+            log.info(
+                "deletion of cluster %s: the management cluster does not answer (%s)",
+                record.name,
+                exc,
+                extra={"clusterId": record.cluster_id},
+            )
+            return False
+
+    def wake(self, cluster_id: str, change: ObjectChange | None = None) -> None:
         """Something of the cluster changed in the management cluster (a watch event): pass it
-        soon, whether it is being followed or was Ready."""
+        soon, whether it is being followed or was Ready; an object deleted or changed by
+        someone else (`change`) is applied again in that pass."""
         if self._stopping:
             return
+        if change is not None:
+            self.reconciler.suspect(cluster_id, change.path, change.version)
         event = self._wakeups.get(cluster_id)
         if event is not None:
             event.set()
@@ -325,7 +361,8 @@ class ProvisionerService:
 
     async def _follow_up(self, cluster_id: str) -> None:
         """Pass a cluster again until it is Ready or Failed: at once when a watch event says
-        something changed, else after growing pauses (the fallback when watches fail)."""
+        something changed, else after growing pauses (the fallback when watches fail). For a
+        cluster being deleted, look instead whether its namespace is gone yet."""
         delay = self.poll_interval
         longest = max(self.poll_interval, min(self.resync_interval, 30.0))
         woken = self._wakeups[cluster_id]
@@ -338,9 +375,16 @@ class ProvisionerService:
                 woken.clear()
                 async with self._locks[cluster_id]:
                     record = await self.store.get(cluster_id)
-                    if record is None or record.delete_requested or record.intent is None:
+                    if record is None or record.deleted:
                         return
-                    done = await self._pass(record)
+                    if record.delete_requested:
+                        done = await self._deletion_done(record)
+                    elif record.intent is None:
+                        return
+                    else:
+                        done = await self._pass(record)
+                if woken.is_set():
+                    continue  # woken during the pass, which may have read the state before
                 if done:
                     return
                 delay = min(delay * 1.5, longest)
@@ -407,11 +451,11 @@ class ProvisionerService:
                         )
                 return
             if record.delete_requested:
-                await self._finish_delete(record)
+                done = await self._finish_delete(record, wait=0.0)
+            elif record.intent is None:
                 return
-            if record.intent is None:
-                return
-            done = await self._pass(record, force=True)
+            else:
+                done = await self._pass(record, force=True)
         if not done:
             self._follow(cluster_id)
 

@@ -10,8 +10,10 @@ Condition types, all reported on every status event:
 - `AddonsReady`: the tenant API answers and Nest's tenant objects are applied.
 
 The phase sums them up: `Ready` when all hold, `Upgrading` while a version change rolls out,
-`Degraded` when a cluster that was Ready lost one, `Failed` for what needs a new spec,
-`Pending` while no management cluster is configured, `Provisioning` otherwise.
+`Degraded` when a cluster that was Ready lost something it had, `Failed` for what needs a new
+spec, `Pending` while no management cluster is configured, `Provisioning` otherwise, including
+a Ready cluster rolling out a change (a scale, an add-on toggle, a renewed certificate) with
+nothing lost: the conditions that only such a change holds back are `Observation.changing`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from datetime import datetime
 
 from libs.common.contract.cluster import (
     ClusterEndpoint,
+    ClusterSpec,
     ClusterStatusChanged,
     Condition,
     ConditionStatus,
@@ -47,6 +50,27 @@ class Check:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """What a cluster had when it was last Ready, the baseline against which a loss is told
+    from a change rolling out: every replica and member of that spec was available."""
+
+    control_plane: int
+    """Control-plane replicas available."""
+    datastore: int
+    """etcd members ready."""
+    service_type: str
+    """The endpoint Service's type (a new type needs a new address, which is no loss)."""
+
+    @classmethod
+    def of(cls, spec: ClusterSpec) -> Capacity:
+        return cls(
+            control_plane=spec.control_plane.replicas,
+            datastore=spec.datastore.replicas,
+            service_type=spec.network.service_type,
+        )
+
+
 @dataclass
 class Observation:
     """What a reconcile pass found; `build_status` turns it into an event."""
@@ -63,6 +87,10 @@ class Observation:
     """The cluster has been Ready before (a loss is Degraded, not Provisioning)."""
     not_configured: bool = False
     """No management cluster is configured at all."""
+    changing: set[str] = field(default_factory=set)
+    """Conditions that are not true only because a change is rolling out while the cluster
+    keeps what it had (its `Capacity` when last Ready): on a cluster that was Ready they make
+    it `Provisioning`, not `Degraded`."""
 
     def set(self, type_: str, ok: bool | None, reason: str, message: str = "") -> None:
         status: ConditionStatus = "Unknown" if ok is None else ("True" if ok else "False")
@@ -94,16 +122,18 @@ def phase_of(observation: Observation) -> tuple[Phase, str, str]:
     first = _first_not_true(observation)
     if observation.upgrading:
         return "Upgrading", "Upgrading", first.message if first else ""
-    reason, message = (first.reason, first.message) if first else ("", "")
     if observation.was_ready:
-        return "Degraded", reason, message
+        lost = _first_not_true(observation, skip=observation.changing)
+        if lost is not None:
+            return "Degraded", lost.reason, lost.message
+    reason, message = (first.reason, first.message) if first else ("", "")
     return "Provisioning", reason, message
 
 
-def _first_not_true(observation: Observation) -> Check | None:
+def _first_not_true(observation: Observation, skip: set[str] | None = None) -> Check | None:
     for type_ in CONDITION_TYPES:
         check = observation.checks.get(type_)
-        if check is not None and check.status != "True":
+        if check is not None and check.status != "True" and type_ not in (skip or ()):
             return check
     return None
 

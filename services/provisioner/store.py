@@ -20,6 +20,7 @@ from libs.common.bus import Bus
 from libs.common.contract.cluster import ClusterEndpoint, Condition, ReconcileCluster
 from libs.common.contract.restore import RestoreEtcd
 from libs.common.kv import Leases, bucket_keys, open_bucket
+from services.provisioner.status import Capacity
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class ClusterRecord(BaseModel):
     deleted: bool = False
     """A delete intent was carried out: the cluster is confirmed gone."""
     was_ready: bool = False
+    ready_capacity: Capacity | None = None
+    """What the cluster had when it was last Ready (None before that, and in records written
+    before it was kept: then the spec counts as what it had)."""
     upgrade_from: str | None = None
     """The version a running upgrade started from; cleared once it rolled out."""
     applied: bool = False

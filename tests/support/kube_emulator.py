@@ -10,11 +10,20 @@ around them, and serves resource paths itself with what the provisioner relies o
   (maps merged, lists replaced, `status` left alone), and keeps each field manager's last
   applied configuration: a field a manager stops applying is removed unless another manager
   applies it (lists are atomic: owned whole);
-- namespaces: objects may only be created in an existing, non-terminating namespace; deleting
-  a namespace makes it `Terminating`, then removes everything in it, then the namespace;
+- namespaces: objects may only be created in an existing, non-terminating namespace; a new
+  namespace gets the `kubernetes` finalizer in `spec.finalizers` (changed only through its
+  `finalize` subresource); deleting a namespace makes it `Terminating` (a `deletionTimestamp`),
+  then the namespace controller removes everything in it (`namespace_finalize_delay`, the time
+  pods take to terminate) and its `kubernetes` finalizer; while any `spec.finalizers` remain, a
+  further DELETE answers 409 Conflict, as the API server does; the namespace goes once both
+  `spec.finalizers` and `metadata.finalizers` are empty;
+- `metadata.finalizers` on any object: a DELETE only sets its `deletionTimestamp`; the object
+  goes when a write empties its finalizers;
 - `metadata.uid`, `resourceVersion`, `creationTimestamp`, and `generation` bumped on every
   `spec` change; 409 on POST of an existing object; `labelSelector` (`k=v,...`); PUT;
-  `/status` touches only `status`; NodePort allocation with 422 on a taken port;
+  `/status` touches only `status`; NodePort allocation with 422 on a taken port; a ClusterIP
+  for every Service that is not headless (`spec.clusterIP`/`clusterIPs`, kept on updates, a
+  fresh one after a re-creation, as the API server's random allocation gives);
 - faults: `fail(...)` makes matching requests answer an error status or stall, N times;
 - watches (`?watch=true`, one namespace or all, with `labelSelector` and `resourceVersion`):
   every change made through the API, by `touch` or `remove`, and each object a namespace
@@ -33,6 +42,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import ipaddress
 import itertools
 import json
 import re
@@ -74,6 +84,9 @@ class Route:
     def cluster_scoped(self) -> bool:
         return self.resource in CLUSTER_SCOPED
 
+
+NAMESPACE_FINALIZER = "kubernetes"
+"""The finalizer the API server puts in every namespace's `spec.finalizers`."""
 
 CLUSTER_SCOPED = {
     "v1/namespaces",
@@ -179,6 +192,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     requires_namespaces: bool = True
     _versions: Any = attrs.field(factory=lambda: itertools.count(1))
     _node_ports: dict[int, tuple[str | None, str]] = attrs.field(factory=dict)
+    service_cidr: str = "10.96.0.0/12"
+    """The management cluster's Service range, where ClusterIPs come from."""
+    _cluster_ips: dict[str, tuple[str | None, str]] = attrs.field(factory=dict)
+    _next_cluster_ip: int = 10
     _pending: set[asyncio.Task[None]] = attrs.field(factory=set)
     watch_history: int = 2_000
     _forgotten: int = 0
@@ -216,7 +233,20 @@ class KubeEmulator(kmock.KubernetesEmulator):
         """Delete behind the client's back (no cascade)."""
         obj = self.store[resource][namespace].pop(name, None)
         if obj is not None:
+            self._release(resource, namespace, name)
             self._emit(resource, "DELETED", obj, deleted=True)
+
+    def _release(self, resource: str, namespace: str | None, name: str) -> None:
+        """Free what a deleted object held: its applied configurations, a Service's ports."""
+        self._applied.pop((resource, namespace, name), None)
+        if resource == "v1/services":
+            owner = (namespace, name)
+            for port, used in list(self._node_ports.items()):
+                if used == owner:
+                    del self._node_ports[port]
+            for ip, used in list(self._cluster_ips.items()):
+                if used == owner:
+                    del self._cluster_ips[ip]
 
     def touch(self, resource: str, obj: Obj) -> None:
         """Record a change made by a test controller directly on a stored object."""
@@ -395,6 +425,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 current.get("status", {}), body.get("status", {}), nulls_delete=True
             )
             return self._store(route, current, updated, spec_change=False)
+        if route.subresource == "finalize" and route.resource == "v1/namespaces":
+            if current is None:
+                raise _not_found(route)
+            updated = copy.deepcopy(current)
+            updated.setdefault("spec", {})["finalizers"] = list(
+                (body.get("spec") or {}).get("finalizers") or []
+            )
+            stored = self._store(route, current, updated, spec_change=False)
+            self._settle(route, stored)
+            return stored
         owners = self._applied[(route.resource, route.namespace, str(route.name))]
         if current is None:
             if mode != "apply":
@@ -424,7 +464,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                             _remove_path(base, path)
                 owners[manager] = copy.deepcopy(patch)
             updated = merge(base, patch, nulls_delete=mode == "merge")
-        return self._store(route, current, updated)
+        stored = self._store(route, current, updated)
+        self._settle(route, stored)
+        return stored
 
     def _store(
         self, route: Route, current: Obj | None, obj: Obj, *, spec_change: bool = True
@@ -447,17 +489,70 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if current.get("status") is not None and route.subresource != "status":
                 obj["status"] = current["status"]
         if route.resource == "v1/services":
+            self._allocate_cluster_ip(route, obj, current)
             self._allocate_node_ports(route, obj, current)
         if route.resource == "v1/namespaces":
-            obj.setdefault("status", {}).setdefault("phase", "Active")
-            if current is not None:
-                obj["status"] = current.get("status", obj["status"])
+            spec = obj.setdefault("spec", {})
+            if current is None:
+                # The API server's namespace strategy: every new namespace is Active and carries
+                # the `kubernetes` finalizer, which only the namespace controller removes.
+                finalizers = list(spec.get("finalizers") or [])
+                if NAMESPACE_FINALIZER not in finalizers:
+                    finalizers.append(NAMESPACE_FINALIZER)
+                spec["finalizers"] = finalizers
+                obj["status"] = {"phase": "Active"}
+            else:
+                if route.subresource != "finalize":
+                    spec["finalizers"] = list((current.get("spec") or {}).get("finalizers") or [])
+                obj["status"] = current.get("status") or {"phase": "Active"}
         metadata["resourceVersion"] = str(next(self._versions))
         self._bucket(route)[str(metadata["name"])] = obj
         for hook in self.hooks:
             hook(route.resource, obj)
         self._emit(route.resource, "ADDED" if current is None else "MODIFIED", obj)
         return obj
+
+    def _allocate_cluster_ip(self, route: Route, obj: Obj, current: Obj | None) -> None:
+        spec = obj.setdefault("spec", {})
+        if spec.get("type") == "ExternalName":
+            return
+        if current is not None:
+            # Immutable once allocated; an update that leaves it out keeps it.
+            kept = current.get("spec") or {}
+            for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
+                if key in kept:
+                    spec[key] = copy.deepcopy(kept[key])
+            return
+        wanted = spec.get("clusterIP")
+        if wanted == "None":
+            spec["clusterIPs"] = ["None"]
+        else:
+            network = ipaddress.ip_network(self.service_cidr)
+            if wanted:
+                if wanted in self._cluster_ips or ipaddress.ip_address(wanted) not in network:
+                    raise Problem(
+                        422,
+                        "Invalid",
+                        f'spec.clusterIPs: Invalid value: ["{wanted}"]: failed to allocate '
+                        "IP: provided IP is already allocated or out of range",
+                    )
+            else:
+                # The API server picks at random; the next free address after the last one
+                # handed out gives the same property: a re-created Service gets another IP.
+                size = network.num_addresses - 2
+                for _ in range(size):
+                    candidate = str(network.network_address + 1 + self._next_cluster_ip % size)
+                    self._next_cluster_ip += 1
+                    if candidate not in self._cluster_ips:
+                        wanted = candidate
+                        break
+                else:
+                    raise Problem(500, "InternalError", "the Service IP range is full")
+            spec["clusterIP"] = wanted
+            spec["clusterIPs"] = [wanted]
+            self._cluster_ips[str(wanted)] = (route.namespace, str(route.name))
+        spec.setdefault("ipFamilies", ["IPv4"])
+        spec.setdefault("ipFamilyPolicy", "SingleStack")
 
     def _allocate_node_ports(self, route: Route, obj: Obj, current: Obj | None) -> None:
         spec = obj.get("spec", {})
@@ -498,7 +593,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if obj is None:
             raise _not_found(route)
         if route.resource == "v1/namespaces":
-            if obj["status"].get("phase") != "Terminating":
+            if not obj["metadata"].get("deletionTimestamp"):
                 obj["status"]["phase"] = "Terminating"
                 obj["metadata"]["deletionTimestamp"] = _now()
                 self.touch(route.resource, obj)
@@ -507,15 +602,39 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 )
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
+            elif (obj.get("spec") or {}).get("finalizers"):
+                # The API server's namespace storage: a namespace being emptied refuses a
+                # second deletion until its spec finalizers are gone.
+                raise Problem(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on namespaces "{route.name}": The system is '
+                    "ensuring all content is removed from this namespace.  Upon completion, "
+                    "this namespace will automatically be purged by the system.",
+                )
             return obj
+        if obj["metadata"].get("finalizers"):
+            if not obj["metadata"].get("deletionTimestamp"):
+                obj["metadata"]["deletionTimestamp"] = _now()
+                self.touch(route.resource, obj)
+            return obj
+        return self._purge(route, obj)
+
+    def _settle(self, route: Route, obj: Obj) -> None:
+        """Remove an object being deleted once nothing holds it any more."""
+        metadata = obj["metadata"]
+        if not metadata.get("deletionTimestamp") or metadata.get("finalizers"):
+            return
+        if route.resource == "v1/namespaces" and (obj.get("spec") or {}).get("finalizers"):
+            return
+        if self._bucket(route).get(str(metadata["name"])) is obj:
+            self._purge(Route(route.resource, route.namespace, metadata["name"], None), obj)
+
+    def _purge(self, route: Route, obj: Obj) -> Obj:
+        bucket = self._bucket(route)
         del bucket[str(route.name)]
-        self._applied.pop((route.resource, route.namespace, str(route.name)), None)
+        self._release(route.resource, route.namespace, str(route.name))
         self._emit(route.resource, "DELETED", obj, deleted=True)
-        if route.resource == "v1/services":
-            owner = (route.namespace, str(route.name))
-            for port, used in list(self._node_ports.items()):
-                if used == owner:
-                    del self._node_ports[port]
         return {
             "kind": "Status",
             "apiVersion": "v1",
@@ -524,17 +643,21 @@ class KubeEmulator(kmock.KubernetesEmulator):
         }
 
     async def _finalize_namespace(self, name: str) -> None:
+        """The namespace controller: remove the content, then the `kubernetes` finalizer."""
         await asyncio.sleep(self.namespace_finalize_delay)
         for resource, buckets in self.store.items():
             if resource != "v1/namespaces":
                 for obj in (buckets.pop(name, None) or {}).values():
+                    self._release(resource, name, obj["metadata"]["name"])
                     self._emit(resource, "DELETED", obj, deleted=True)
-        for port, (namespace, _) in list(self._node_ports.items()):
-            if namespace == name:
-                del self._node_ports[port]
-        gone = self.store["v1/namespaces"][None].pop(name, None)
-        if gone is not None:
-            self._emit("v1/namespaces", "DELETED", gone, deleted=True)
+        current = self.store["v1/namespaces"][None].get(name)
+        if current is None:
+            return
+        updated = copy.deepcopy(current)
+        spec = updated.setdefault("spec", {})
+        spec["finalizers"] = [f for f in spec.get("finalizers") or [] if f != NAMESPACE_FINALIZER]
+        route = Route("v1/namespaces", None, name, "finalize")
+        self._settle(route, self._store(route, current, updated, spec_change=False))
 
 
 LabelMatcher = Callable[[dict[str, str]], bool]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -56,6 +58,38 @@ async def tenant_apis(management: KubeEmulator, directory: Path) -> AsyncIterato
         yield tenants
 
 
+@dataclass
+class SilentEndpoint:
+    """A loopback TCP server that accepts connections and never says a word (no TLS
+    handshake, no HTTP), as a wedged API server or a black-holing proxy does."""
+
+    port: int = 0
+    connections: int = 0
+    """Connections accepted so far."""
+
+
+@contextlib.asynccontextmanager
+async def silent_endpoint(hostname: str) -> AsyncIterator[SilentEndpoint]:
+    """Serve `SilentEndpoint` on 127.0.0.1 and route `hostname` (any port) there in this
+    process, ahead of `tenant_apis`'s routing."""
+    endpoint = SilentEndpoint()
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        endpoint.connections += 1
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    endpoint.port = server.sockets[0].getsockname()[1]
+    try:
+        pattern = re.compile(re.escape(hostname))
+        async with server, kmock.AiohttpInterceptor("127.0.0.1", endpoint.port, pattern):
+            yield endpoint
+    finally:
+        for writer in held:
+            writer.close()
+
+
 async def reset_buckets(bus: Bus) -> None:
     js = bus.nc.jetstream()
     for bucket in (CLUSTERS_BUCKET, LEASES_BUCKET):
@@ -76,35 +110,34 @@ def provisioner_settings(settings: Settings, kubeconfig: Path | None, **extra: A
 
 
 def fast_config(settings: Settings) -> ProvisionerConfig:
-    config = config_from_settings(settings)
-    return ProvisionerConfig(
-        kubeconfig=config.kubeconfig,
-        image_registry=config.image_registry,
-        renew_before=config.renew_before,
-        management_dns_domain=config.management_dns_domain,
-        node_address=config.node_address,
+    """The configuration `settings` give, with short pauses between management retries and a
+    shorter delete timeout. Tenant timeouts stay as configured: they are what is tested."""
+    return dataclasses.replace(
+        config_from_settings(settings),
         retry=kube.Retry(
             attempts=settings.kube_retry_attempts,
             base_delay=0.05,
             max_delay=0.2,
             timeout=settings.kube_timeout_seconds,
         ),
-        tenant_retry=kube.Retry(attempts=1, timeout=2.0),
         delete_timeout_seconds=10.0,
     )
 
 
 @contextlib.asynccontextmanager
 async def running_provisioner(
-    settings: Settings, nats_url: str, *, reset: bool = True
+    settings: Settings, nats_url: str, *, reset: bool = True, **config: Any
 ) -> AsyncIterator[ProvisionerService]:
-    """A provisioner service on its own bus connection (fresh bookkeeping unless `reset`)."""
+    """A provisioner service on its own bus connection (fresh bookkeeping unless `reset`);
+    `config` overrides fields of its `ProvisionerConfig` (e.g. `delete_timeout_seconds`)."""
     bus = Bus([nats_url], name="test-provisioner")
     await bus.connect()
     await bus.ensure_streams()
     if reset:
         await reset_buckets(bus)
-    service = ProvisionerService(settings, config=fast_config(settings))
+    service = ProvisionerService(
+        settings, config=dataclasses.replace(fast_config(settings), **config)
+    )
     await service.start(bus)
     try:
         yield service

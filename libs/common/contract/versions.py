@@ -39,7 +39,12 @@ class Version:
 
 @dataclass(frozen=True)
 class Release:
-    """What one supported Kubernetes version runs: the component image tags."""
+    """What one supported Kubernetes version runs: the component image tags.
+
+    etcd and CoreDNS are kubeadm's own (`DefaultEtcdVersion` and `CoreDNSVersion` in
+    k8s.io/kubernetes `cmd/kubeadm/app/constants/constants.go` of that version); konnectivity
+    is the proxy-server of the version's `cluster/gce/manifests/konnectivity-server.yaml`.
+    """
 
     version: Version
     etcd: str
@@ -52,6 +57,11 @@ SUPPORTED_RELEASES: tuple[Release, ...] = (
     Release(Version(1, 34, 1), etcd="3.6.4-0", coredns="v1.12.1", konnectivity="v0.34.0"),
     Release(Version(1, 34, 2), etcd="3.6.5-0", coredns="v1.12.1", konnectivity="v0.34.0"),
     Release(Version(1, 35, 0), etcd="3.6.6-0", coredns="v1.13.1", konnectivity="v0.34.0"),
+    # 1.35.4's own GCE manifest still names konnectivity v0.31.2; keep 1.35.0's v0.34.0 so a
+    # patch upgrade within 1.35 never downgrades the konnectivity server.
+    Release(Version(1, 35, 4), etcd="3.6.6-0", coredns="v1.13.1", konnectivity="v0.34.0"),
+    Release(Version(1, 36, 3), etcd="3.6.8-0", coredns="v1.14.2", konnectivity="v0.34.0"),
+    Release(Version(1, 37, 2), etcd="3.7.0-0", coredns="v1.14.6", konnectivity="v0.36.0"),
 )
 
 SUPPORTED_VERSIONS: tuple[str, ...] = tuple(str(r.version) for r in SUPPORTED_RELEASES)

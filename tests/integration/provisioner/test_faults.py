@@ -16,7 +16,7 @@ from libs.common.settings import Settings
 from services.provisioner import names
 from services.provisioner.service import ProvisionerService
 from services.provisioner.store import open_leases
-from tests.support.kube_emulator import TenantApis
+from tests.support.kube_emulator import TenantApis, tenant_hostname
 from tests.support.kube_harness import (
     ManagementCluster,
     condition,
@@ -25,6 +25,7 @@ from tests.support.kube_harness import (
     provisioner_settings,
     reset_buckets,
     running_provisioner,
+    silent_endpoint,
     wait_cluster,
 )
 from tests.support.processes import kill_group
@@ -97,6 +98,56 @@ class TestManagementApiFaults:
         assert cluster["status"]["phase"] == "Provisioning"
         tenants.down.discard(namespace)
         await wait_cluster(api, created["id"], phase("Ready"))
+
+
+class TestSilentTenant:
+    async def test_a_tenant_that_never_answers_tls_costs_its_own_cluster_only(
+        self,
+        api: httpx.AsyncClient,
+        settings: Settings,
+        nats_url: str,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        # One pass at a time: a pass stalled on a wedged tenant would hold up everyone else.
+        configured = provisioner_settings(
+            settings,
+            management.kubeconfig,
+            reconcile_concurrency=1,
+            tenant_connect_timeout_seconds=1.0,
+        )
+        silent_host = tenant_hostname(names.namespace_for("wedged"))
+        async with (
+            silent_endpoint(silent_host) as silent,
+            running_provisioner(configured, nats_url),
+        ):
+            wedged = await create(api, "wedged")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            cluster = await wait_cluster(
+                api,
+                wedged["id"],
+                lambda c: any(
+                    x["type"] == "AddonsReady" and x["reason"] == "TenantAPIUnavailable"
+                    for x in c["status"]["conditions"]
+                ),
+                timeout=4.0,
+            )
+            assert silent.connections >= 1
+            assert loop.time() - started < 3.0  # the 1 s connect bound, not the 5 s request one
+            assert condition(cluster, "ControlPlaneReady")["status"] == "True"
+            assert "retrying in" in condition(cluster, "AddonsReady")["message"]
+
+            # Other clusters go on while the wedged one keeps being followed.
+            lively = await create(api, "lively")
+            await wait_cluster(api, lively["id"], phase("Ready"), timeout=3.0)
+
+            # Its add-ons are tried again after growing pauses, not on every pass.
+            attempts = silent.connections
+            await asyncio.sleep(3.0)
+            assert silent.connections - attempts <= 3
+            cluster = await wait_cluster(api, wedged["id"], lambda c: True)
+            assert cluster["status"]["phase"] == "Provisioning"
 
 
 class TestResync:

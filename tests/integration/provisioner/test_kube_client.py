@@ -131,3 +131,53 @@ async def test_server_side_apply_removes_a_field_the_manager_stops_applying(
         assert applied["metadata"]["labels"] == {"app": "owned"}
     finally:
         await client.close()
+
+
+async def test_a_terminating_namespace_refuses_a_second_delete_until_it_is_emptied(
+    management: ManagementCluster,
+) -> None:
+    # The API server keeps a namespace Terminating while its content goes (pods terminating
+    # gracefully, PVC protection) and answers a second DELETE meanwhile with 409 Conflict.
+    management.emulator.namespace_finalize_delay = 0.5
+    client = await KubeClient.connect(management.kubeconfig, retry=FAST)
+    try:
+        created = await client.apply("/api/v1/namespaces/t", namespace("t"))
+        assert created["spec"]["finalizers"] == ["kubernetes"]
+        await client.apply("/api/v1/namespaces/t/configmaps/x", configmap("t", "x", "1"))
+        assert await client.delete("/api/v1/namespaces/t")
+        terminating = await client.get("/api/v1/namespaces/t")
+        assert terminating is not None and terminating["metadata"]["deletionTimestamp"]
+        with pytest.raises(KubeRejected) as conflict:
+            await client.delete("/api/v1/namespaces/t")
+        assert conflict.value.status == 409
+        assert "ensuring all content is removed" in str(conflict.value)
+        for _ in range(200):
+            if await client.get("/api/v1/namespaces/t") is None:
+                break
+            await asyncio.sleep(0.01)
+        assert await client.get("/api/v1/namespaces/t") is None
+
+        # Another controller's finalizer holds it Terminating after it was emptied; a delete
+        # then answers as usual, and the namespace goes when that finalizer is removed.
+        management.emulator.namespace_finalize_delay = 0.0
+        held = namespace("h")
+        held["metadata"]["finalizers"] = ["example.com/hold"]  # type: ignore[index]
+        await client.apply("/api/v1/namespaces/h", held)
+        assert await client.delete("/api/v1/namespaces/h")
+        for _ in range(100):
+            found = await client.get("/api/v1/namespaces/h")
+            assert found is not None
+            if not found["spec"]["finalizers"]:
+                break
+            await asyncio.sleep(0.01)
+        assert found["status"]["phase"] == "Terminating"
+        assert await client.delete("/api/v1/namespaces/h")
+        await client.request(
+            "PATCH",
+            "/api/v1/namespaces/h",
+            body={"metadata": {"finalizers": None}},
+            content_type="application/merge-patch+json",
+        )
+        assert await client.get("/api/v1/namespaces/h") is None
+    finally:
+        await client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,6 +54,27 @@ def deployment(management: ManagementCluster, name: str) -> dict[str, Any]:
     )
     assert found is not None
     return found
+
+
+def serving_ips(
+    management: ManagementCluster, namespace: str
+) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The IP SANs of the API server's serving certificate the provisioner wrote."""
+    secret = management.emulator.get("v1/secrets", namespace, names.SECRET_APISERVER)
+    assert secret is not None
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(sans.get_values_for_type(x509.IPAddress))
+
+
+async def reported_phases(api: httpx.AsyncClient, cluster_id: str) -> list[str]:
+    """The phase of every status event the API recorded for the cluster, oldest first."""
+    response = await api.get(
+        "/api/v1/events",
+        params={"subject": cluster_id, "type": "io.nest.cluster.status_changed.v1"},
+    )
+    assert response.status_code == 200, response.text
+    return [event["data"]["phase"] for event in response.json()["items"]]
 
 
 def cluster_objects(management: ManagementCluster, name: str) -> dict[str, str]:
@@ -125,6 +147,38 @@ class TestProvisioning:
         agent = tenant.get("apps/v1/daemonsets", "kube-system", "konnectivity-agent")
         assert agent is not None
 
+    async def test_the_serving_certificate_names_the_endpoint_services_cluster_ip(
+        self,
+        api: httpx.AsyncClient,
+        provisioner: ProvisionerService,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        created = await create(api, "inside")
+        await wait_cluster(api, created["id"], phase("Ready"))
+        namespace = names.namespace_for("inside")
+        service = management.emulator.get("v1/services", namespace, names.API_SERVICE)
+        assert service is not None
+        cluster_ip = service["spec"]["clusterIP"]
+        # In-management-cluster clients dial the Service's ClusterIP and check it in the SANs.
+        assert ipaddress.ip_address(cluster_ip) in serving_ips(management, namespace)
+
+        # Re-created behind Nest's back, the Service has another ClusterIP: re-issued for it.
+        management.emulator.remove("v1/services", namespace, names.API_SERVICE)
+        for _ in range(100):
+            service = management.emulator.get("v1/services", namespace, names.API_SERVICE)
+            if service is not None and ipaddress.ip_address(
+                service["spec"]["clusterIP"]
+            ) in serving_ips(management, namespace):
+                break
+            await asyncio.sleep(0.05)
+        assert service is not None and service["spec"]["clusterIP"] != cluster_ip
+        assert ipaddress.ip_address(service["spec"]["clusterIP"]) in serving_ips(
+            management, namespace
+        )
+        assert ipaddress.ip_address(cluster_ip) not in serving_ips(management, namespace)
+        await wait_cluster(api, created["id"], phase("Ready"))
+
     async def test_a_repeated_intent_changes_nothing(
         self,
         api: httpx.AsyncClient,
@@ -170,6 +224,76 @@ class TestChanges:
             lambda c: c["status"]["observedGeneration"] == 2 and c["status"]["phase"] == "Ready",
         )
         assert deployment(management, "scaled")["spec"]["replicas"] == 3
+
+    async def test_scaling_a_ready_cluster_rolls_out_without_being_degraded(
+        self,
+        api: httpx.AsyncClient,
+        provisioner: ProvisionerService,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        created = await create(api, "grow", controlPlane={"replicas": 1})
+        await wait_cluster(api, created["id"], phase("Ready"))
+        management.controller.paused = True  # the rollout takes its time, as on a real cluster
+        await api.patch(
+            f"/api/v1/clusters/{created['id']}",
+            json={"spec": {"controlPlane": {"replicas": 3}}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        rolling = await wait_cluster(
+            api, created["id"], lambda c: c["status"]["observedGeneration"] == 2
+        )
+        assert rolling["status"]["phase"] == "Provisioning"
+        assert rolling["status"]["reason"] == "RollingOut"
+        live = deployment(management, "grow")
+        live["status"].update(replicas=2, updatedReplicas=2, availableReplicas=2)
+        management.emulator.touch("apps/v1/deployments", live)  # one more pod available
+        await asyncio.sleep(0.3)
+        management.controller.resume()
+        management.emulator.touch("apps/v1/deployments", live)
+        await wait_cluster(api, created["id"], phase("Ready"))
+        assert "Degraded" not in await reported_phases(api, created["id"])
+
+        # Losing what it had while the next change rolls out is Degraded all the same.
+        management.controller.paused = True
+        await api.patch(
+            f"/api/v1/clusters/{created['id']}",
+            json={"spec": {"controlPlane": {"replicas": 4}}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        await wait_cluster(api, created["id"], lambda c: c["status"]["observedGeneration"] == 3)
+        live = deployment(management, "grow")
+        live["status"].update(availableReplicas=2)
+        management.emulator.touch("apps/v1/deployments", live)
+        degraded = await wait_cluster(api, created["id"], phase("Degraded"))
+        assert condition(degraded, "ControlPlaneReady")["reason"] == "RollingOut"
+
+    async def test_toggling_an_addon_on_a_ready_cluster_is_not_degraded(
+        self,
+        api: httpx.AsyncClient,
+        provisioner: ProvisionerService,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        created = await create(api, "toggle")
+        await wait_cluster(api, created["id"], phase("Ready"))
+        management.controller.paused = True
+        await api.patch(
+            f"/api/v1/clusters/{created['id']}",
+            json={"spec": {"addons": {"konnectivity": {"enabled": False}}}},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        rolling = await wait_cluster(
+            api, created["id"], lambda c: c["status"]["observedGeneration"] == 2
+        )
+        assert rolling["status"]["phase"] == "Provisioning"
+        await asyncio.sleep(0.3)
+        management.controller.resume()
+        management.emulator.touch("apps/v1/deployments", deployment(management, "toggle"))
+        await wait_cluster(api, created["id"], phase("Ready"))
+        assert "Degraded" not in await reported_phases(api, created["id"])
+        containers = deployment(management, "toggle")["spec"]["template"]["spec"]["containers"]
+        assert "konnectivity-server" not in {c["name"] for c in containers}
 
     async def test_upgrading_one_minor_rolls_the_control_plane(
         self,

@@ -4,6 +4,7 @@ reporting a readiness change as soon as the watch tells it (with polling out of 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -142,7 +143,96 @@ async def test_the_provisioner_survives_a_watch_failing_and_falls_back_to_pollin
 ) -> None:
     # The cluster-wide collections are only read by the watches: make every such call fail.
     management.emulator.fail(
-        "GET", r"^/(api/v1/services|apis/apps/v1/(deployments|statefulsets))$", times=None
+        "GET",
+        r"^/(api/v1/(namespaces|secrets|configmaps|services)"
+        r"|apis/apps/v1/(deployments|statefulsets)|apis/policy/v1/poddisruptionbudgets)$",
+        times=None,
     )
     created = (await api.post("/api/v1/clusters", json={"name": "nowatch", "spec": {}})).json()
     await wait_cluster(api, created["id"], phase("Ready"))
+
+
+async def eventually(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_objects_deleted_or_changed_behind_its_back_come_back_at_once(
+    api: httpx.AsyncClient,
+    settings: Settings,
+    management: ManagementCluster,
+    tenants: TenantApis,
+    nats_url: str,
+) -> None:
+    # No resync during the test (an hour's interval; the first one 10 s after the start) and
+    # no polling of a Ready cluster: only watch events can bring the objects back this soon.
+    configured = provisioner_settings(settings, management.kubeconfig)
+    async with running_provisioner(configured, nats_url):
+        created = (await api.post("/api/v1/clusters", json={"name": "behind", "spec": {}})).json()
+        await wait_cluster(api, created["id"], phase("Ready"))
+        namespace = names.namespace_for("behind")
+        emulator = management.emulator
+
+        # Nest's own writes wake passes that change nothing: no write follows, no loop.
+        await asyncio.sleep(0.5)
+        writes = {key: n for key, n in emulator.counts.items() if not key.startswith("GET")}
+        await asyncio.sleep(0.5)
+        assert {k: n for k, n in emulator.counts.items() if not k.startswith("GET")} == writes
+
+        for resource, name in (
+            ("v1/services", names.ETCD_HEADLESS_SERVICE),  # etcd's DNS
+            ("v1/configmaps", names.EGRESS_SELECTOR_CONFIGMAP),
+            ("policy/v1/poddisruptionbudgets", names.ETCD_STATEFULSET),
+            ("v1/secrets", names.SECRET_SCHEDULER_KUBECONFIG),
+        ):
+            emulator.remove(resource, namespace, name)
+            back = await eventually(
+                lambda r=resource, n=name: emulator.get(r, namespace, n) is not None, 1.0
+            )
+            assert back, f"{resource}/{name} was not re-created"
+
+        # Someone else's edit of an object Nest does not read back is reverted as soon.
+        async with httpx.AsyncClient(base_url=management.url) as kube:
+            for path, patch in (
+                (
+                    f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets/etcd",
+                    {"spec": {"maxUnavailable": 0}},
+                ),
+                (
+                    f"/api/v1/namespaces/{namespace}/services/etcd",
+                    {"spec": {"publishNotReadyAddresses": False}},
+                ),
+            ):
+                response = await kube.patch(
+                    path,
+                    params={"fieldManager": "kubectl-edit"},
+                    json=patch,
+                    headers={"Content-Type": "application/merge-patch+json"},
+                )
+                assert response.status_code == 200, response.text
+        pdb = emulator.get("policy/v1/poddisruptionbudgets", namespace, "etcd")
+        service = emulator.get("v1/services", namespace, "etcd")
+        assert pdb is not None and service is not None
+        assert await eventually(
+            lambda: (
+                emulator.get("policy/v1/poddisruptionbudgets", namespace, "etcd")["spec"][  # type: ignore[index]
+                    "maxUnavailable"
+                ]
+                == 1
+            ),
+            1.0,
+        )
+        assert await eventually(
+            lambda: (
+                emulator.get("v1/services", namespace, "etcd")["spec"][  # type: ignore[index]
+                    "publishNotReadyAddresses"
+                ]
+                is True
+            ),
+            1.0,
+        )
+        await wait_cluster(api, created["id"], phase("Ready"))

@@ -12,7 +12,14 @@ from libs.common.contract.cluster import (
     validate_labels,
     validate_name,
 )
-from libs.common.contract.versions import NEWEST_VERSION, UpgradeRefused, Version, check_upgrade
+from libs.common.contract.versions import (
+    NEWEST_VERSION,
+    SUPPORTED_VERSIONS,
+    UpgradeRefused,
+    Version,
+    check_upgrade,
+    release,
+)
 
 
 def test_defaults_describe_a_complete_cluster() -> None:
@@ -97,6 +104,10 @@ def test_version_prefix_v_is_normalised() -> None:
         ("1.33.5", "1.35.0", False),
         ("1.35.0", "1.35.0", True),
         ("1.35.0", "2.0.0", False),
+        ("1.35.0", "1.35.4", True),
+        ("1.35.4", "1.36.3", True),
+        ("1.36.3", "1.37.2", True),
+        ("1.35.4", "1.37.2", False),
     ],
 )
 def test_upgrade_rules(current: str, target: str, ok: bool) -> None:
@@ -105,6 +116,27 @@ def test_upgrade_rules(current: str, target: str, ok: bool) -> None:
     else:
         with pytest.raises(UpgradeRefused):
             check_upgrade(current, target)
+
+
+def test_the_newest_release_is_the_default_and_older_ones_stay() -> None:
+    assert NEWEST_VERSION == "1.37.2"
+    assert {"1.33.5", "1.34.1", "1.34.2", "1.35.0"} <= set(SUPPORTED_VERSIONS)
+
+
+@pytest.mark.parametrize(
+    ("version", "etcd", "coredns", "konnectivity"),
+    [
+        # kubeadm's DefaultEtcdVersion and CoreDNSVersion of each version
+        ("1.35.4", "3.6.6-0", "v1.13.1", "v0.34.0"),
+        ("1.36.3", "3.6.8-0", "v1.14.2", "v0.34.0"),
+        ("1.37.2", "3.7.0-0", "v1.14.6", "v0.36.0"),
+    ],
+)
+def test_release_images_are_kubeadms(
+    version: str, etcd: str, coredns: str, konnectivity: str
+) -> None:
+    entry = release(version)
+    assert (entry.etcd, entry.coredns, entry.konnectivity) == (etcd, coredns, konnectivity)
 
 
 def test_version_parse_refuses_garbage() -> None:

@@ -78,6 +78,7 @@ def make_inputs(**overrides: object) -> pki.PKIInputs:
         "dns_domain": "tenant.example",
         "etcd_replicas": 3,
         "endpoint_hosts": ("192.0.2.10", "Demo.Example.COM"),
+        "service_ips": ("10.112.4.17",),
     }
     values.update(overrides)
     return pki.PKIInputs(**values)  # type: ignore[arg-type]
@@ -247,6 +248,7 @@ class TestFreshCluster:
             "127.0.0.1",
             "kube-apiserver.nest-demo.svc",
             "kube-apiserver.nest-demo.svc.cluster.local",
+            "10.112.4.17",  # the endpoint Service's cluster IP in the management cluster
         ],
     )
     def test_apiserver_chain_verifies_for(self, fresh: pki.PKIResult, host: str) -> None:
@@ -274,6 +276,7 @@ class TestFreshCluster:
         assert set(sans.value.get_values_for_type(x509.IPAddress)) == {
             ipaddress.ip_address("10.96.0.1"),
             ipaddress.ip_address("192.0.2.10"),
+            ipaddress.ip_address("10.112.4.17"),
             ipaddress.ip_address("127.0.0.1"),
         }
 
@@ -413,6 +416,24 @@ class TestReuse:
             cert_of(result.secrets, names.SECRET_APISERVER),
             "198.51.100.7",
         )
+
+    def test_a_new_service_cluster_ip_reissues_only_the_apiserver_certificate(
+        self, fresh: pki.PKIResult
+    ) -> None:
+        # The endpoint Service was re-created (a new ClusterIP), and it is dual-stack now.
+        moved = make_inputs(service_ips=("10.112.9.3", "fd00:10:112::9"))
+        result = pki.reconcile_pki(copy(fresh.secrets), moved, now=NOW)
+        assert renewed(result) == {names.SECRET_APISERVER: "subject alternative names changed"}
+        ca = cert_of(fresh.secrets, names.SECRET_CA)
+        for host in ("10.112.9.3", "fd00:10:112::9"):
+            verify_server(ca, cert_of(result.secrets, names.SECRET_APISERVER), host)
+        sans = extension(
+            cert_of(result.secrets, names.SECRET_APISERVER), x509.SubjectAlternativeName
+        )
+        assert ipaddress.ip_address("10.112.4.17") not in sans.value.get_values_for_type(
+            x509.IPAddress
+        )
+        assert pki.reconcile_pki(result.secrets, moved, now=NOW).report.changes == ()
 
     def test_endpoint_known_later_is_added(self) -> None:
         unknown = make_inputs(endpoint_hosts=())
@@ -569,10 +590,13 @@ class TestInputs:
         spec = ClusterSpec.model_validate(
             {"network": {"serviceCidr": "172.20.0.0/16"}, "datastore": {"replicas": 1}}
         )
-        inputs = pki.PKIInputs.for_cluster("demo", spec, endpoint_hosts=["192.0.2.1"])
+        inputs = pki.PKIInputs.for_cluster(
+            "demo", spec, endpoint_hosts=["192.0.2.1"], service_ips=["10.112.0.9"]
+        )
         assert inputs.namespace == names.namespace_for("demo")
         assert inputs.etcd_replicas == 1
         assert inputs.endpoint_hosts == ("192.0.2.1",)
+        assert inputs.service_ips == ("10.112.0.9",)
         result = pki.reconcile_pki({}, inputs, now=NOW)
         verify_server(
             cert_of(result.secrets, names.SECRET_CA),
@@ -585,6 +609,7 @@ class TestInputs:
         [
             ({"service_cidr": "10.96.0.0/33"}, "service_cidr"),
             ({"endpoint_hosts": ("bad host",)}, "endpoint host"),
+            ({"service_ips": ("None",)}, "service IP"),
             ({"etcd_replicas": 0}, "etcd_replicas"),
             ({"dns_domain": "Not_A_Domain"}, "dns_domain"),
             ({"namespace": ""}, "namespace"),

@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from libs.common.contract.cluster import ClusterEndpoint, ClusterSpec, ReconcileCluster
-from services.provisioner.reconciler import deployment_rolled_out, endpoint_of, statefulset_ready
+from services.provisioner.reconciler import (
+    control_plane_lost,
+    datastore_lost,
+    deployment_rolled_out,
+    endpoint_of,
+    statefulset_ready,
+)
 
 
 def intent(**spec: Any) -> ReconcileCluster:
@@ -14,7 +20,7 @@ def intent(**spec: Any) -> ReconcileCluster:
     )
 
 
-def workload(generation: int, **observed: int) -> dict[str, Any]:
+def workload(generation: int, **observed: object) -> dict[str, Any]:
     return {"metadata": {"generation": generation}, "status": observed}
 
 
@@ -34,6 +40,29 @@ def test_etcd_is_ready_with_every_member_on_the_current_revision() -> None:
     assert not statefulset_ready(workload(1, observedGeneration=1, readyReplicas=3), 3)[0]
     ready = workload(1, observedGeneration=1, readyReplicas=3, updatedReplicas=3)
     assert statefulset_ready(ready, 3)[0]
+
+
+def test_a_control_plane_loses_replicas_only_below_what_it_had_and_what_is_asked() -> None:
+    # Scaling 1 -> 3 with one replica available, and down 3 -> 1 with one left: no loss.
+    scaling_up = workload(2, observedGeneration=1, availableReplicas=1, replicas=1)
+    assert not control_plane_lost(scaling_up, 3, had=1)
+    assert not control_plane_lost(workload(2, availableReplicas=1, replicas=3), 1, had=3)
+    # A template change surges first, so both replicas stay available.
+    assert not control_plane_lost(workload(3, observedGeneration=3, availableReplicas=2), 2, 2)
+    # A pod gone, rollout or not: fewer than it had.
+    assert control_plane_lost(workload(2, observedGeneration=2, availableReplicas=1), 2, 2)
+    assert control_plane_lost(scaling_up | {"status": {"availableReplicas": 0}}, 3, had=1)
+
+
+def test_an_etcd_member_is_lost_unless_a_rolling_update_restarts_it() -> None:
+    steady = {"observedGeneration": 1, "currentRevision": "a", "updateRevision": "a"}
+    one_down = workload(1, readyReplicas=2, replicas=3, updatedReplicas=3, **steady)
+    assert datastore_lost(one_down, 3, had=3)
+    rolling = {"observedGeneration": 2, "currentRevision": "a", "updateRevision": "b"}
+    restarting = workload(2, readyReplicas=2, replicas=3, updatedReplicas=1, **rolling)
+    assert not datastore_lost(restarting, 3, had=3)
+    two_down = workload(2, readyReplicas=1, replicas=3, updatedReplicas=1, **rolling)
+    assert datastore_lost(two_down, 3, had=3)
 
 
 def test_endpoint_from_a_load_balancer() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from libs.common.contract.cluster import ClusterSpec
 from services.provisioner import status
 from services.provisioner.status import Observation, build_status, fingerprint, phase_of
 
@@ -34,6 +35,31 @@ def test_a_loss_after_ready_is_degraded_and_a_rollout_is_upgrading() -> None:
     assert phase_of(observation)[0] == "Degraded"
     observation.upgrading = True
     assert phase_of(observation) == ("Upgrading", "Upgrading", "1/2 updated")
+
+
+def test_a_change_rolling_out_on_a_ready_cluster_is_provisioning_unless_something_is_lost() -> None:
+    # A scale or an add-on toggle: the control plane rolls out (and the add-ons wait for it)
+    # while it keeps every replica it had.
+    observation = all_true(was_ready=True)
+    observation.set(status.CONTROL_PLANE, False, "RollingOut", "1/3 updated, 1/3 available")
+    observation.set(status.ADDONS, False, "WaitingForControlPlane", "later")
+    observation.changing |= {status.CONTROL_PLANE, status.ADDONS}
+    assert phase_of(observation) == ("Provisioning", "RollingOut", "1/3 updated, 1/3 available")
+    # An etcd member gone meanwhile is a loss, whatever else rolls out.
+    observation.set(status.DATASTORE, False, "WaitingForMembers", "1/3 etcd members ready")
+    assert phase_of(observation) == ("Degraded", "WaitingForMembers", "1/3 etcd members ready")
+    # So is a management API that stops answering: nothing can be seen or healed.
+    unreachable = Observation("c-1", 3, was_ready=True)
+    unreachable.set(status.MANAGEMENT, False, "Unavailable", "down")
+    unreachable.unknown_from(status.PKI, "ManagementClusterUnavailable", "waiting")
+    assert phase_of(unreachable)[:2] == ("Degraded", "Unavailable")
+
+
+def test_a_ready_spec_is_the_capacity_a_loss_is_measured_against() -> None:
+    spec = ClusterSpec.model_validate(
+        {"controlPlane": {"replicas": 3}, "network": {"serviceType": "NodePort"}}
+    )
+    assert status.Capacity.of(spec) == status.Capacity(3, 3, "NodePort")
 
 
 def test_failures_win_and_no_management_cluster_is_pending() -> None:

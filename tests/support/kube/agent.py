@@ -591,7 +591,14 @@ class Dns:
                 fqdn = f"{hostname}.{spec['subdomain']}.{pod.namespace}.svc"
                 own += [f"{fqdn}.{DNS_DOMAIN}", fqdn]
             own.append(hostname)
-        self.write(pod.directory / "etc" / "hosts", self.render(own))
+        aliases = [
+            f"{alias['ip']} {' '.join(alias.get('hostnames') or [])}"
+            for alias in pod.obj["spec"].get("hostAliases") or []
+        ]
+        text = self.render(own)
+        if aliases:  # as the kubelet writes them: after the pod's own and the cluster's names
+            text += "# Entries added by HostAliases.\n" + "\n".join(aliases) + "\n"
+        self.write(pod.directory / "etc" / "hosts", text)
 
     async def run(self) -> None:
         while True:
@@ -599,7 +606,9 @@ class Dns:
             await asyncio.sleep(0.02)
             self._changed.clear()
             self.entries = self.names()
-            self.write(self.etc / "hosts", self.render())
+            # In place, not renamed: processes on the host see this file bind-mounted over their
+            # /etc/hosts (`harness exec`), and a bind mount follows the inode.
+            (self.etc / "hosts").write_text(self.render())
             for pod in list(self.pods.values()):
                 if pod.netns is not None or pod.mode == pods.REAL:
                     self.write_pod(pod)

@@ -274,24 +274,20 @@ def stop_background(directory: Path, timeout: float = 60.0) -> None:
         network.teardown(state.bridge)
 
 
+def with_cluster_dns(hosts: Path, argv: list[str]) -> list[str]:
+    """`argv` run in a private mount namespace whose /etc/hosts is the cluster's DNS (`hosts`,
+    rewritten in place by the harness, so later changes are seen): what a process in the
+    management cluster resolves, for Nest's services running on the host."""
+    script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(hosts), *argv]
+
+
 def exec_with_dns(directory: Path, argv: list[str]) -> int:
-    """Run `argv` in a private mount namespace whose /etc/hosts is the cluster's DNS (what a pod
-    of the management cluster resolves), e.g. Nest's services on the host."""
     state = State.load(directory)
     if state is None or not state.ready:
         print(f"no harness is running in {directory}", file=sys.stderr)
         return 1
-    hosts_dir = str(Path(state.hosts).parent)
-    script = (
-        "mkdir -p /run/nest-harness-etc && mount -t tmpfs tmpfs /run/nest-harness-etc"
-        ' && mount --bind "$0" /run/nest-harness-etc'
-        " && touch /etc/hosts && mount --bind /run/nest-harness-etc/hosts /etc/hosts"
-        ' && exec "$@"'
-    )
-    # /etc/hosts is bound at exec time; the cluster's later changes are not seen by it. Tests
-    # use `hosts_overlay_command`, which re-binds, or read the file themselves.
-    command = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, hosts_dir, *argv]
-    return subprocess.call(command)
+    return subprocess.call(with_cluster_dns(Path(state.hosts), argv))
 
 
 def main(argv: list[str] | None = None) -> int:

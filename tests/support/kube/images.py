@@ -79,7 +79,7 @@ def _plan(image: str) -> ImagePlan:
         venv_bin = Path(sys.executable).parent
         return ImagePlan(
             files={"/usr/local/bin/etcdutl": etcd.etcdutl},
-            path=f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            path=f"/usr/local/sbin:/usr/local/bin:{venv_bin}:/usr/sbin:/usr/bin:/sbin:/bin",
             workdir=str(REPOSITORY),
         )
     raise ImageNotRunnable(f"the harness has no binaries for image {image}")

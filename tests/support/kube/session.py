@@ -106,5 +106,8 @@ def stop_shared() -> None:
     where = directory()
     if (where / harness.STATE).exists():
         harness.stop_background(where)
+    if os.environ.get("NEST_KUBE_KEEP"):  # keep its logs (and pods' logs) for a post-mortem
+        print(f"\nthe test cluster's files are kept in {where}")
+        return
     shutil.rmtree(where, ignore_errors=True)
     (where.parent / f"{where.name}.lock").unlink(missing_ok=True)

@@ -374,10 +374,23 @@ class Reconciler:
             self._tenant_applied.pop(intent.cluster_id, None)
         async with self._management_slots:
             observation, addons_due = await self._reconcile_management(intent, record, force)
-        if addons_due is not None:
+        if addons_due is not None and not self._addons_paused(intent, addons_due, observation):
             async with self._tenant_slots:
                 await self._reconcile_addons(intent, addons_due, observation)
         return observation
+
+    def _addons_paused(
+        self, intent: ReconcileCluster, due: _AddonsDue, observation: status.Observation
+    ) -> bool:
+        """Whether the cluster's tenant API failed lately and its add-ons wait for their next
+        try (reported as that failure); a new endpoint ends the pause."""
+        backoff = self._tenant_backoff.get(intent.cluster_id)
+        if backoff is None or backoff.url != due.endpoint.url:
+            return False
+        if time.monotonic() >= backoff.until:
+            return False
+        observation.set(status.ADDONS, False, "TenantAPIUnavailable", backoff.message)
+        return True
 
     async def _reconcile_management(
         self, intent: ReconcileCluster, record: ClusterRecord, force: bool
@@ -695,11 +708,7 @@ class Reconciler:
     ) -> None:
         endpoint, ca_secret = due.endpoint, due.ca_secret
         backoff = self._tenant_backoff.get(intent.cluster_id)
-        if backoff is not None and backoff.url == endpoint.url:
-            if time.monotonic() < backoff.until:
-                observation.set(status.ADDONS, False, "TenantAPIUnavailable", backoff.message)
-                return
-        else:
+        if backoff is not None and backoff.url != endpoint.url:
             backoff = None
         objects = addons.render_addons(
             intent,

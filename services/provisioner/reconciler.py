@@ -330,6 +330,9 @@ class Reconciler:
         the same again skips the write (a resync forces it, to heal drift)."""
         self._management_slots = asyncio.Semaphore(config.concurrency)
         self._tenant_slots = asyncio.Semaphore(config.concurrency)
+        self._tenant_applied: dict[str, dict[str, bytes]] = {}
+        """Cluster id -> tenant REST path -> digest of what was last applied there: a pass
+        applies only tenant objects whose rendering changed (the resync applies them all)."""
         self._tenant_backoff: dict[str, _TenantBackoff] = {}
         """Cluster id -> when its add-ons may be tried again after its tenant API failed."""
         self._suspects: dict[str, dict[str, str | None]] = {}
@@ -367,12 +370,27 @@ class Reconciler:
         resync does, so objects deleted or changed behind Nest's back come back). The
         management part and the tenant add-ons take a slot each of their own concurrency.
         """
+        if force:
+            self._tenant_applied.pop(intent.cluster_id, None)
         async with self._management_slots:
             observation, addons_due = await self._reconcile_management(intent, record, force)
-        if addons_due is not None:
+        if addons_due is not None and not self._addons_paused(intent, addons_due, observation):
             async with self._tenant_slots:
                 await self._reconcile_addons(intent, addons_due, observation)
         return observation
+
+    def _addons_paused(
+        self, intent: ReconcileCluster, due: _AddonsDue, observation: status.Observation
+    ) -> bool:
+        """Whether the cluster's tenant API failed lately and its add-ons wait for their next
+        try (reported as that failure); a new endpoint ends the pause."""
+        backoff = self._tenant_backoff.get(intent.cluster_id)
+        if backoff is None or backoff.url != due.endpoint.url:
+            return False
+        if time.monotonic() >= backoff.until:
+            return False
+        observation.set(status.ADDONS, False, "TenantAPIUnavailable", backoff.message)
+        return True
 
     async def _reconcile_management(
         self, intent: ReconcileCluster, record: ClusterRecord, force: bool
@@ -600,7 +618,7 @@ class Reconciler:
         """Server-side apply `obj` unless this process applied exactly it before; then only
         read it back if the caller needs its status (or recreate it if it went away)."""
         path = manifests.resource_path(obj)
-        digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).digest()
+        digest = _digest(obj)
         applied = self._applied.setdefault(cluster_id, {})
         known = applied.get(path)
         if known is not None and known.digest == digest:
@@ -690,11 +708,7 @@ class Reconciler:
     ) -> None:
         endpoint, ca_secret = due.endpoint, due.ca_secret
         backoff = self._tenant_backoff.get(intent.cluster_id)
-        if backoff is not None and backoff.url == endpoint.url:
-            if time.monotonic() < backoff.until:
-                observation.set(status.ADDONS, False, "TenantAPIUnavailable", backoff.message)
-                return
-        else:
+        if backoff is not None and backoff.url != endpoint.url:
             backoff = None
         objects = addons.render_addons(
             intent,
@@ -706,10 +720,22 @@ class Reconciler:
                 konnectivity_port=due.konnectivity_port,
             ),
         )
+        # Only what changed since this process applied it (the resync applies everything).
+        applied = self._tenant_applied.setdefault(intent.cluster_id, {})
+        digests = {manifests.resource_path(obj): _digest(obj) for obj in objects}
+        changed = [
+            obj
+            for obj in objects
+            if applied.get(path := manifests.resource_path(obj)) != digests[path]
+        ]
+
+        def done(path: str) -> None:
+            applied[path] = digests[path]
+
         try:
             async with self.tenants.client(intent, endpoint.url, ca_secret) as tenant:
-                await tenant.ping()
-                await apply_in_order(tenant, objects, concurrency=TENANT_CONNECTIONS)
+                await tenant.ping()  # AddonsReady also says that the tenant API answers
+                await apply_in_order(tenant, changed, concurrency=TENANT_CONNECTIONS, done=done)
         except KubeUnavailable as exc:
             delay = (
                 TENANT_BACKOFF_FIRST
@@ -747,6 +773,7 @@ class Reconciler:
         self._applied.pop(intent.cluster_id, None)
         self._suspects.pop(intent.cluster_id, None)
         self._tenant_backoff.pop(intent.cluster_id, None)
+        self._tenant_applied.pop(intent.cluster_id, None)
         path = f"/api/v1/namespaces/{names.namespace_for(intent.name)}"
         found = await client.get(path)
         if not _labelled_for(found, intent.cluster_id):
@@ -879,15 +906,28 @@ _OBSERVED = frozenset(
 """Objects whose status a pass reads."""
 
 
+def _digest(obj: Mapping[str, Any]) -> bytes:
+    """A digest of a rendered object, to tell whether it is what was applied before."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).digest()
+
+
 async def apply_in_order(
-    client: KubeClient, objects: Sequence[Mapping[str, Any]], *, concurrency: int
+    client: KubeClient,
+    objects: Sequence[Mapping[str, Any]],
+    *,
+    concurrency: int,
+    done: Callable[[str], None] | None = None,
 ) -> None:
-    """Cluster-scoped objects first, then the rest; each group `concurrency` at a time."""
+    """Cluster-scoped objects first, then the rest; each group `concurrency` at a time.
+    `done(path)` is called for each object applied (also when another one fails)."""
     limit = asyncio.Semaphore(concurrency)
 
     async def apply(obj: Mapping[str, Any]) -> None:
+        path = manifests.resource_path(obj)
         async with limit:
-            await client.apply(manifests.resource_path(obj), obj)
+            await client.apply(path, obj)
+        if done is not None:
+            done(path)
 
     first = [obj for obj in objects if obj["kind"] in _CLUSTER_SCOPED]
     rest = [obj for obj in objects if obj["kind"] not in _CLUSTER_SCOPED]

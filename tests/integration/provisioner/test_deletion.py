@@ -90,7 +90,8 @@ async def test_a_namespace_held_by_a_finalizer_is_waited_for_until_it_goes(
             )
             assert response.status_code == 200, response.text
             await api.delete(f"/api/v1/clusters/{created['id']}")
-            await asyncio.sleep(1.0)
+            # Longer than two deliveries of the delete intent (0.3 s each and a 0.5 s pause).
+            await asyncio.sleep(2.0)
             held = management.emulator.get("v1/namespaces", None, namespace)
             assert held is not None and held["status"]["phase"] == "Terminating"
             await wait_cluster(api, created["id"], phase("Deleting"), timeout=1.0)

@@ -122,8 +122,7 @@ class TestSilentTenant:
             running_provisioner(configured, nats_url),
         ):
             wedged = await create(api, "wedged")
-            loop = asyncio.get_running_loop()
-            started = loop.time()
+            # Within the 1 s connect bound (and the pass around it), not the 5 s request one.
             cluster = await wait_cluster(
                 api,
                 wedged["id"],
@@ -134,7 +133,6 @@ class TestSilentTenant:
                 timeout=4.0,
             )
             assert silent.connections >= 1
-            assert loop.time() - started < 3.0  # the 1 s connect bound, not the 5 s request one
             assert condition(cluster, "ControlPlaneReady")["status"] == "True"
             assert "retrying in" in condition(cluster, "AddonsReady")["message"]
 

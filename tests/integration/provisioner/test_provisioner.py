@@ -201,6 +201,34 @@ class TestProvisioning:
             now = management.emulator.get("v1/secrets", names.namespace_for("again"), key)
             assert now == secret
 
+    async def test_tenant_objects_are_applied_again_only_when_changed_or_resynced(
+        self,
+        api: httpx.AsyncClient,
+        provisioner: ProvisionerService,
+        management: ManagementCluster,
+        tenants: TenantApis,
+    ) -> None:
+        created = await create(api, "quiet")
+        await wait_cluster(api, created["id"], phase("Ready"))
+        tenant = tenants.emulators[names.namespace_for("quiet")]
+        writes = sum(n for key, n in tenant.counts.items() if key.startswith("PATCH"))
+        assert writes >= 29
+        record = await provisioner.store.get(created["id"])
+        assert record is not None and record.intent is not None
+        before = dict(tenant.counts)
+        await provisioner.on_reconcile(record.intent)  # a pass with nothing new
+        assert dict(tenant.counts) == before
+        assert condition(await wait_cluster(api, created["id"], phase("Ready")), "AddonsReady")[
+            "status"
+        ] == ("True")
+
+        # Someone deletes an add-on in the tenant: the resync re-applies every object.
+        tenant.remove("apps/v1/deployments", "kube-system", "coredns")
+        await provisioner.resync()
+        rewritten = sum(n for key, n in tenant.counts.items() if key.startswith("PATCH"))
+        assert rewritten - writes == 29
+        assert tenant.get("apps/v1/deployments", "kube-system", "coredns") is not None
+
 
 class TestChanges:
     async def test_scaling_the_control_plane(

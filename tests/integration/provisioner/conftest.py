@@ -19,13 +19,12 @@ import pytest
 from libs.common.settings import Settings
 from services.provisioner import names, pki
 from services.provisioner.service import ProvisionerService
-from tests.support.kube_emulator import TenantApis
+from tests.support.kube.session import ManagementCluster
 from tests.support.kube_harness import (
-    ManagementCluster,
+    Management,
     management_cluster,
     provisioner_settings,
     running_provisioner,
-    tenant_apis,
 )
 from tests.support.parts import find_binary, free_port, missing
 
@@ -180,7 +179,7 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
         stop(process)
 
 
-# The provisioner against the emulated management cluster and tenant APIs
+# The provisioner against the session's real management cluster
 
 
 @pytest.fixture
@@ -190,21 +189,20 @@ def database_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def management(tmp_path: Path) -> AsyncIterator[ManagementCluster]:
-    async with management_cluster(tmp_path) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-async def tenants(management: ManagementCluster, tmp_path: Path) -> AsyncIterator[TenantApis]:
-    async with tenant_apis(management.emulator, tmp_path / "tenants") as apis:
-        yield apis
+async def management(kube_cluster: ManagementCluster, tmp_path: Path) -> AsyncIterator[Management]:
+    """The real management cluster for this test (a fresh fault proxy in front of it)."""
+    async with management_cluster(kube_cluster, tmp_path / "management") as found:
+        yield found
 
 
 @pytest.fixture
 async def provisioner(
-    settings: Settings, management: ManagementCluster, tenants: TenantApis, nats_url: str
+    settings: Settings, management: Management, nats_url: str
 ) -> AsyncIterator[ProvisionerService]:
-    configured = provisioner_settings(settings, management.kubeconfig)
+    """The provisioner with the chart's ServiceAccount, through the fault proxy; NodePort
+    clusters are reached at the first harness node's address."""
+    configured = provisioner_settings(
+        settings, management.kubeconfig, node_address=management.node_address
+    )
     async with running_provisioner(configured, nats_url) as service:
         yield service

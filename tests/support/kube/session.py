@@ -43,6 +43,8 @@ class ManagementCluster:
     node_ips: tuple[str, ...]
     hosts: Path
     """The cluster's DNS as a hosts file (service and pod names)."""
+    bridge: str
+    """The harness bridge; a real pod's network namespace is `<bridge>-<first 10 hex of uid>`."""
 
     def api(self, **kwargs: object) -> Api:
         return Api(Credentials.from_kubeconfig(self.kubeconfig), **kwargs)  # type: ignore[arg-type]
@@ -98,6 +100,7 @@ def shared_cluster() -> ManagementCluster:
         node_names=tuple(state.node_names),
         node_ips=tuple(state.node_ips),
         hosts=Path(state.hosts),
+        bridge=state.bridge,
     )
 
 

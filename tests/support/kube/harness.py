@@ -287,7 +287,13 @@ def exec_with_dns(directory: Path, argv: list[str]) -> int:
     if state is None or not state.ready:
         print(f"no harness is running in {directory}", file=sys.stderr)
         return 1
-    return subprocess.call(with_cluster_dns(Path(state.hosts), argv))
+    node = state.node_ips[0]
+    env = dict(os.environ)
+    env.setdefault("NEST_KUBECONFIG", state.kubeconfig)
+    env.setdefault("NEST_NODE_ADDRESS", node)
+    env.setdefault("NEST_BACKUP_SERVE_HOST", node)
+    env.setdefault("NEST_BACKUP_PUBLIC_URL", f"http://{node}:{env.get('NEST_BACKUP_SERVE_PORT', '8091')}")
+    return subprocess.call(with_cluster_dns(Path(state.hosts), argv), env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,9 +145,17 @@ class ControlPlane:
                     "--allocate-node-cidrs=false",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
                     "--leader-elect=false",
+                    # A management cluster that hosts many control planes raises the client
+                    # rate limits (defaults 20/30), or creating them queues in its controllers.
+                    "--kube-api-qps=100",
+                    "--kube-api-burst=200",
                 ],
             ),
-            ("kube-scheduler", "scheduler", ["--leader-elect=false"]),
+            (
+                "kube-scheduler",
+                "scheduler",
+                ["--leader-elect=false", "--kube-api-qps=100", "--kube-api-burst=200"],
+            ),
         ):
             binary = (
                 kube.kube_controller_manager

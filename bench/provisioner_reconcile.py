@@ -98,9 +98,8 @@ async def run(cluster: ManagementCluster, count: int, real: bool, root: Path) ->
         cluster_id = data["clusterId"]
         if os.environ.get("BENCH_TRACE"):
             conditions = {c["type"]: c["status"] for c in data.get("conditions") or []}
-            print(
-                f"  {time.perf_counter() - start:6.2f} {cluster_id} {data.get('phase')} {conditions}"
-            )
+            at = time.perf_counter() - start
+            print(f"  {at:6.2f} {cluster_id} {data.get('phase')} {conditions}")
         hit = data.get("phase") == "Ready" if real else management_ready(data)
         if hit and cluster_id not in reached:
             reached[cluster_id] = time.perf_counter()

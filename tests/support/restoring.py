@@ -11,7 +11,7 @@ import base64
 import contextlib
 import ssl
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,19 @@ class NamespaceWatch:
 
     async def _pod(self, kind: str, obj: Obj) -> None:
         self.pods[obj["metadata"]["name"]] = obj
+
+    async def until(self, check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        """Until `check()` holds for what the watches delivered so far (a watch event may arrive
+        after the NATS event of the same change)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not check():
+            if asyncio.get_running_loop().time() > deadline:
+                summary = {job: self.exit_codes(job) for job in self.jobs}
+                raise AssertionError(
+                    f"{what}: not within {timeout}s; replicas set: {self.scales()}; "
+                    f"exit codes of the Jobs' pods: {summary}"
+                )
+            await asyncio.sleep(0.05)
 
     def scales(self) -> list[tuple[str, int]]:
         """(plural, replicas) of every replica count set since the watch started, in order."""

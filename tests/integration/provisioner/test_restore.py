@@ -140,6 +140,25 @@ async def replicas(management: Management, namespace: str) -> dict[str, int]:
     return found
 
 
+def scale_order(members: int, replicas: int) -> list[tuple[str, int]]:
+    """The control plane and then etcd down to zero; etcd and then the control plane back."""
+    return [
+        ("deployments", 0),
+        ("statefulsets", 0),
+        ("statefulsets", members),
+        ("deployments", replicas),
+    ]
+
+
+def job_ended(watch: NamespaceWatch, job: str, kind: str, reason: str) -> bool:
+    """Whether the real Job controller set the Job's condition `kind` with `reason`."""
+    conditions = (watch.jobs.get(job, {}).get("status") or {}).get("conditions") or []
+    return any(
+        c["type"] == kind and c["status"] == "True" and c.get("reason") == reason
+        for c in conditions
+    )
+
+
 async def intents_handled(bus: Bus, timeout: float = 30.0) -> None:
     """Until the provisioner acked every intent published so far (its durable consumer has
     nothing pending or unacknowledged)."""
@@ -182,14 +201,13 @@ async def test_a_restore_scales_down_runs_a_job_per_member_and_scales_back(
             await recorder.wait_phase("r-1", "Succeeded")
 
             assert recorder.phases("r-1") == ["ScalingDown", "Restoring", "ScalingUp", "Succeeded"]
-            assert watch.scales() == [
-                ("deployments", 0),
-                ("statefulsets", 0),
-                ("statefulsets", 1),
-                ("deployments", 1),
-            ]
+            scaled = scale_order(members=1, replicas=1)
+            await watch.until(lambda: watch.scales() == scaled, "scaled down and back in order")
+            await watch.until(lambda: watch.exit_codes(job) == [0], "the Job's pod exited 0")
             assert sorted(watch.jobs) == [job]
-            assert watch.exit_codes(job) == [0]
+            await watch.until(
+                lambda: job_ended(watch, job, "Complete", "CompletionsReached"), "the Job completed"
+            )
             (pod,) = watch.job_pods(job)
             output = pod_log(management, namespace, pod["metadata"]["name"], "restore")
             assert "etcd-0: restored from snapshot" in output, output
@@ -220,7 +238,6 @@ async def test_a_restore_scales_down_runs_a_job_per_member_and_scales_back(
         await intents_handled(bus)
         assert recorder.phases("r-1").count("ScalingDown") == 1
         assert await restore_objects(management, namespace) == []
-        assert (await management.get(f"/api/v1/namespaces/{namespace}")) is not None
         assert await replicas(management, namespace) == {"deployments": 1, "statefulsets": 1}
     finally:
         await delete_cluster(api, management, cluster_id, namespace)
@@ -251,7 +268,12 @@ async def test_a_failing_job_fails_the_restore_and_the_cluster_comes_back(
             # The real Job controller gave up after backoffLimit (2) retries: three pods, each
             # of which exited 1 after refusing the download.
             assert "BackoffLimitExceeded" in failed["message"], failed
-            assert watch.exit_codes(job) == [1, 1, 1]
+            await watch.until(
+                lambda: watch.exit_codes(job) == [1, 1, 1], "three pods of the Job exited 1"
+            )
+            await watch.until(
+                lambda: job_ended(watch, job, "Failed", "BackoffLimitExceeded"), "the Job failed"
+            )
             first = watch.job_pods(job)[0]["metadata"]["name"]
             output = pod_log(management, namespace, first, "restore")
             assert "sha256" in output, output
@@ -300,11 +322,7 @@ async def test_a_restore_interrupted_by_a_restart_resumes(
                 await recorder.wait_phase("r-2", "ScalingDown")
                 await management.hold(namespace)
                 await recorder.wait_phase("r-2", "Restoring")
-                for _ in range(600):
-                    if watch.job_pods(job):
-                        break
-                    await asyncio.sleep(0.05)
-                assert watch.job_pods(job), watch.jobs
+                await watch.until(lambda: bool(watch.job_pods(job)), "the Job's pod was created")
                 record = await first.store.get(cluster_id)
                 assert record is not None and record.restore is not None
                 assert record.restore.step == "Restoring"
@@ -326,7 +344,7 @@ async def test_a_restore_interrupted_by_a_restart_resumes(
                 assert phases[:2] == ["ScalingDown", "Restoring"]
                 assert phases[-2:] == ["ScalingUp", "Succeeded"]
                 assert "ScalingDown" not in phases[2:], "a resumed restore does not start over"
-                assert watch.exit_codes(job) == [0]
+                await watch.until(lambda: watch.exit_codes(job) == [0], "the Job's pod exited 0")
                 assert await restore_objects(management, namespace) == []
                 revision, keys = await eventually_keys(
                     bus, management, cluster_id, revision=snapshot.revision
@@ -363,14 +381,13 @@ async def test_three_members_each_get_their_own_job_and_volume(
                 subject=cluster_id,
             )
             await recorder.wait_phase("r-3", "Succeeded")
+            await watch.until(
+                lambda: [watch.exit_codes(job) for job in jobs] == [[0], [0], [0]],
+                "each Job's pod exited 0",
+            )
             assert sorted(watch.jobs) == sorted(jobs)
-            assert [watch.exit_codes(job) for job in jobs] == [[0], [0], [0]]
-            assert watch.scales() == [
-                ("deployments", 0),
-                ("statefulsets", 0),
-                ("statefulsets", 3),
-                ("deployments", 1),
-            ]
+            scaled = scale_order(members=3, replicas=1)
+            await watch.until(lambda: watch.scales() == scaled, "scaled down and back in order")
             for ordinal, job in enumerate(jobs):
                 # Each member was restored under its own name and peer URL, into its own claim.
                 spec = watch.jobs[job]["spec"]["template"]["spec"]

@@ -177,8 +177,10 @@ async def test_backup_then_restore_through_every_service(
         async with NamespaceWatch(management, namespace).running() as watch:
             restored = await restore(api, cluster_id, backup["id"], force=True)
             assert restored["phase"] == "Succeeded", (restored, backup_service.output())
-            for job in watch.jobs:
-                job_pods[job] = watch.exit_codes(job)
+            job = manifests.restore_job_name(restored["id"], 0)
+            await watch.until(lambda: watch.exit_codes(job) == [0], "the Job's pod exited 0")
+            for found in watch.jobs:
+                job_pods[found] = watch.exit_codes(found)
             logs = [
                 pod_log(management, namespace, pod["metadata"]["name"], "restore")
                 for job in watch.jobs
@@ -189,7 +191,7 @@ async def test_backup_then_restore_through_every_service(
         order = ["Pending", "Verifying", "Staged", "ScalingDown", "Restoring", "ScalingUp"]
         assert seen[0] == "Pending" and seen[-1] == "Succeeded"
         assert seen[:-1] == [p for p in order if p in seen[:-1]], seen  # forward only
-        assert job_pods == {manifests.restore_job_name(restored["id"], 0): [0]}, logs
+        assert job_pods == {job: [0]}, logs
         assert "etcd-0: restored from snapshot" in logs[0], logs
 
         await wait_cluster(api, cluster_id, phase("Ready"), timeout=120.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -32,9 +32,20 @@ from .test_faults import (
     compact_management_etcd,
     create,
     management_side_ready,
+    own,
 )
 
 FAST = Retry(attempts=3, base_delay=0.01, max_delay=0.05, timeout=2.0)
+
+
+@pytest.fixture
+async def owned_namespaces(management: Management) -> AsyncIterator[list[str]]:
+    """Namespaces this test made, deleted at its end. Tests request it first, so it is torn
+    down after the provisioner stopped: nothing re-creates them."""
+    made: list[str] = []
+    yield made
+    for namespace in made:
+        await management.api.delete(f"/api/v1/namespaces/{namespace}")
 
 
 def configmap(ns: str, name: str, value: str, **labels: str) -> dict[str, Any]:
@@ -137,6 +148,7 @@ async def test_watch_streams_changes_from_a_version_and_expires_old_ones(
 
 
 async def test_a_ready_cluster_turning_unavailable_is_reported_through_the_watch(
+    owned_namespaces: list[str],
     api: httpx.AsyncClient,
     settings: Settings,
     management: Management,
@@ -146,7 +158,7 @@ async def test_a_ready_cluster_turning_unavailable_is_reported_through_the_watch
     # a watch event makes this provisioner look again.
     configured = provisioner_settings(settings, management.kubeconfig, poll_interval_seconds=0.2)
     name = unique("watched")
-    namespace = names.namespace_for(name)
+    namespace = own(owned_namespaces, name)
     async with running_provisioner(configured, nats_url) as service:
         await another_replica_holds_the_resync(nats_url)
         created = await create(api, name, labels=REAL, spec=SMALL)
@@ -169,7 +181,6 @@ async def test_a_ready_cluster_turning_unavailable_is_reported_through_the_watch
 
         await management.hold(namespace, held=False)
         await wait_cluster(api, created["id"], phase("Ready"), timeout=120.0)
-    await management.api.delete(f"/api/v1/namespaces/{namespace}")
 
 
 # The cluster-wide collections, which only the watches read (each list or watch has a query).
@@ -180,6 +191,7 @@ WATCH_PATHS = (
 
 
 async def test_the_provisioner_survives_a_watch_failing_and_falls_back_to_polling(
+    owned_namespaces: list[str],
     api: httpx.AsyncClient,
     settings: Settings,
     management: Management,
@@ -190,6 +202,7 @@ async def test_the_provisioner_survives_a_watch_failing_and_falls_back_to_pollin
     fault = management.proxy.fail("GET", WATCH_PATHS, status=503, times=None)
     configured = provisioner_settings(settings, management.kubeconfig)
     name = unique("nowatch")
+    own(owned_namespaces, name)
     async with running_provisioner(configured, nats_url) as service:
         await another_replica_holds_the_resync(nats_url)
         created = await create(api, name, spec=SMALL)
@@ -200,7 +213,6 @@ async def test_the_provisioner_survives_a_watch_failing_and_falls_back_to_pollin
     # management cluster shows is there.
     assert cluster["status"]["phase"] == "Provisioning"
     assert condition(cluster, "AddonsReady")["reason"] == "TenantAPIUnavailable"
-    await management.api.delete(f"/api/v1/namespaces/{names.namespace_for(name)}")
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> bool:
@@ -217,6 +229,7 @@ def writes(counts: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
 
 
 async def test_objects_deleted_or_changed_behind_its_back_come_back_at_once(
+    owned_namespaces: list[str],
     api: httpx.AsyncClient,
     settings: Settings,
     management: Management,
@@ -226,7 +239,7 @@ async def test_objects_deleted_or_changed_behind_its_back_come_back_at_once(
     # events can bring the objects back.
     configured = provisioner_settings(settings, management.kubeconfig)
     name = unique("behind")
-    namespace = names.namespace_for(name)
+    namespace = own(owned_namespaces, name)
     async with running_provisioner(configured, nats_url):
         await another_replica_holds_the_resync(nats_url)
         created = await create(api, name, labels=REAL, spec=SMALL)
@@ -280,4 +293,3 @@ async def test_objects_deleted_or_changed_behind_its_back_come_back_at_once(
 
         assert await eventually(reverted), "the edits were not reverted"
         await wait_cluster(api, created["id"], phase("Ready"))
-    await management.api.delete(f"/api/v1/namespaces/{namespace}")

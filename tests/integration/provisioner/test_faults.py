@@ -28,7 +28,6 @@ from libs.common.settings import Settings
 from services.provisioner import manifests, names
 from services.provisioner.service import RESYNC_LEASE, ProvisionerService
 from services.provisioner.store import open_leases
-from tests.support.kube import harness
 from tests.support.kube_harness import (
     REAL,
     SMALL,
@@ -124,14 +123,7 @@ async def another_replica_holds_the_resync(nats_url: str) -> None:
 
 def management_etcd_url(management: Management) -> str:
     """The management cluster's etcd, as its kube-apiserver is told (`--etcd-servers`)."""
-    state = harness.State.load(management.cluster.directory)
-    assert state is not None
-    for pid in state.process_groups:
-        with contextlib.suppress(OSError):
-            for argument in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-                if argument.startswith(b"--etcd-servers="):
-                    return argument.split(b"=", 1)[1].decode().split(",")[0]
-    raise AssertionError("no kube-apiserver with --etcd-servers among the harness's processes")
+    return management.cluster.etcd_url
 
 
 async def compact_management_etcd(management: Management) -> int:

@@ -6,8 +6,8 @@ waits on what the API shows."""
 from __future__ import annotations
 
 import asyncio
-import builtins
 import base64
+import builtins
 import contextlib
 import dataclasses
 import datetime

@@ -1,26 +1,29 @@
-"""Provisioner figures: reconcile throughput, intent -> Ready latency, memory per cluster.
+"""Provisioner figures on a real management cluster: reconcile throughput, intent -> ready
+latency, API server requests and provisioner CPU per cluster.
 
-    .venv/bin/python bench/provisioner_reconcile.py --clusters 100 1000
+    .venv/bin/python bench/provisioner_reconcile.py --clusters 100 --real 1 5
 
-This process runs the provisioner (in-process, measured) and an event listener; a child process
-runs the emulated management cluster (kmock-based, with the kwok-like controller, so pods are
-"ready" the moment they are applied: pod start is excluded) and every tenant API over TLS.
-A real nats-server (the embedded one) carries the intents and events. For each run, N reconcile
-intents are published at once; a cluster's latency is from its intent's publish to its first
-`Ready` status event; throughput is N over the time until the last one is Ready. Memory is the
-provisioner process's RSS growth over the run divided by N (everything it keeps per cluster:
-records, tenant clients, caches), measured after a GC once every cluster is Ready.
+Each run starts a fresh management cluster of the test harness (real etcd, kube-apiserver,
+kube-controller-manager and kube-scheduler; `tests/support/kube`, start-up timed), a real
+nats-server, and the provisioner as its own process (`nest run provisioner`, measured with
+psutil) with the Helm chart's ServiceAccount token, through a counting proxy in front of the
+API server (`tests.support.kube.proxy`; the provisioner's requests only).
+
+- `--clusters N`: N reconcile intents published at once, pods **marked ready** by the harness
+  (as kwok does: pod start excluded). No hosted API answers for such a cluster, so its latency is
+  intent -> the first status event with everything in the management cluster ready
+  (`DatastoreReady`, `ControlPlaneReady`, `EndpointReady`); the add-on step is measured below.
+- `--real K`: K clusters (1 control-plane replica, 1 etcd member) whose control planes **run
+  for real**, published at once; latency is intent -> `Ready` (add-ons applied to the real hosted
+  API), which includes starting etcd and kube-apiserver on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import gc
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -28,187 +31,182 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kmock
 import psutil
 
 from libs.common.bus import Bus
 from libs.common.contract import Envelope
 from libs.common.contract.cluster import ClusterSpec, ReconcileCluster
 from libs.common.nats_server import EmbeddedNats
-from libs.common.settings import Settings
-from tests.support.kube_emulator import TENANT_DOMAIN
-from tests.support.kube_harness import (
-    fast_config,
-    management_cluster,
-    reset_buckets,
-    tenant_apis,
-)
+from tests.support.kube import harness, identities
+from tests.support.kube.agent import MODE_LABEL
+from tests.support.kube.proxy import KubeProxy
+from tests.support.kube.session import ManagementCluster
 
-
-async def serve_emulators(directory: Path) -> None:
-    """Child process: the management emulator and the tenant APIs until stdin closes."""
-    async with contextlib.AsyncExitStack() as stack:
-        management = await stack.enter_async_context(management_cluster(directory))
-        tenants = await stack.enter_async_context(
-            tenant_apis(management.emulator, directory / "tenants")
-        )
-        print(json.dumps({"kubeconfig": str(management.kubeconfig), "tenants": tenants.port}))
-        sys.stdout.flush()
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-
-def rss() -> int:
-    return int(psutil.Process().memory_info().rss)
+MANAGEMENT_READY = ("DatastoreReady", "ControlPlaneReady", "EndpointReady")
 
 
 def cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
-    return float(times.user + times.system)
+    return float(times.user + times.system + times.children_user + times.children_system)
+
+
+def management_ready(data: dict[str, Any]) -> bool:
+    conditions = {c["type"]: c["status"] for c in data.get("conditions") or []}
+    return all(conditions.get(kind) == "True" for kind in MANAGEMENT_READY)
 
 
 async def run(
-    clusters: int, nats_url: str, kubeconfig: Path, data: Path, emulator_pid: int
+    cluster: ManagementCluster, count: int, real: bool, root: Path
 ) -> dict[str, float]:
-    from services.provisioner.service import ProvisionerService
-
-    settings = Settings(
-        data_dir=data,
-        nats_url=nats_url,
-        kubeconfig=kubeconfig,
-        poll_interval_seconds=0.2,
-        resync_interval_seconds=3600,
-        reconcile_concurrency=32,
+    nats = EmbeddedNats(root / f"nats-{uuid.uuid4().hex[:4]}")
+    nats.start()
+    proxy = KubeProxy(cluster, root / "proxy")
+    await proxy.start()
+    kubeconfig = await identities.provisioner_kubeconfig(
+        cluster, root / "provisioner.kubeconfig", server=proxy.url
     )
-    bus = Bus([nats_url], name="bench")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("NEST_")},
+        "NEST_DATA_DIR": str(root / "data"),
+        "NEST_NATS_URL": nats.url,
+        "NEST_KUBECONFIG": str(kubeconfig),
+        "NEST_NODE_ADDRESS": cluster.node_ips[0],
+        "NEST_RESYNC_INTERVAL_SECONDS": "3600",
+        "NEST_RECONCILE_CONCURRENCY": "32",
+        "NEST_LOG_LEVEL": "WARNING",
+    }
+    bus = Bus([nats.url], name="bench")
     await bus.connect()
     await bus.ensure_streams()
-    await reset_buckets(bus)
-    js = bus.nc.jetstream()
-    for stream in ("NEST_INTENTS", "NEST_EVENTS"):
-        await js.purge_stream(stream)
-    service = ProvisionerService(settings, config=fast_config(settings), first_resync_after=3600)
-    provisioner_bus = Bus([nats_url], name="bench-provisioner")
-    await provisioner_bus.connect()
-    await service.start(provisioner_bus)
-
-    ready_at: dict[str, float] = {}
+    log = (root / "provisioner.log").open("ab")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "run", "provisioner"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    provisioner = psutil.Process(child.pid)
+    reached: dict[str, float] = {}
     done = asyncio.Event()
 
-    async def on_event(msg: object) -> None:
-        envelope = Envelope.from_bytes(msg.data)  # type: ignore[attr-defined]
-        data = envelope.data
-        if data.get("phase") == "Ready" and data["clusterId"] not in ready_at:
-            ready_at[data["clusterId"]] = time.perf_counter()
-            if len(ready_at) == clusters:
+    async def on_event(msg: Any) -> None:
+        data = Envelope.from_bytes(msg.data).data
+        cluster_id = data["clusterId"]
+        if os.environ.get("BENCH_TRACE"):
+            conditions = {c["type"]: c["status"] for c in data.get("conditions") or []}
+            print(f"  {time.perf_counter() - start:6.2f} {cluster_id} {data.get('phase')} {conditions}")
+        hit = data.get("phase") == "Ready" if real else management_ready(data)
+        if hit and cluster_id not in reached:
+            reached[cluster_id] = time.perf_counter()
+            if len(reached) == count:
                 done.set()
 
     subscription = await bus.nc.subscribe("nest.event.cluster.status_changed", cb=on_event)
-    gc.collect()
-    await asyncio.sleep(0.5)
-    before = rss()
-    me, emulators = psutil.Process(), psutil.Process(emulator_pid)
-    cpu_before, emulator_cpu_before = cpu_seconds(me), cpu_seconds(emulators)
+    await asyncio.sleep(3.0)  # the provisioner connects, opens its watches
+    proxy.requests.clear()
+    cpu_before = cpu_seconds(provisioner)
+    rss_before = provisioner.memory_info().rss
     published: dict[str, float] = {}
-    run_id = uuid.uuid4().hex[:6]
+    run_id = uuid.uuid4().hex[:5]
+    spec: dict[str, Any] = {"datastore": {"replicas": 1}}
+    if real:
+        spec["controlPlane"] = {"replicas": 1}
     start = time.perf_counter()
-    for index in range(clusters):
+    for index in range(count):
         cluster_id = f"{run_id}-{index}"
         intent = ReconcileCluster(
             cluster_id=cluster_id,
             name=f"b{run_id}-{index}",
             generation=1,
-            spec=ClusterSpec.model_validate({"datastore": {"replicas": 1}}),
+            labels={MODE_LABEL: "real"} if real else {},
+            spec=ClusterSpec.model_validate(spec),
         )
         published[cluster_id] = time.perf_counter()
         await bus.publish(intent, source="bench", subject=cluster_id)
     try:
-        await asyncio.wait_for(done.wait(), timeout=max(120.0, clusters * 0.5))
+        await asyncio.wait_for(done.wait(), timeout=max(300.0, count * 3.0))
     except TimeoutError:
-        print(f"  only {len(ready_at)}/{clusters} Ready before the timeout", file=sys.stderr)
+        print(f"  only {len(reached)}/{count} reached before the timeout", file=sys.stderr)
     elapsed = time.perf_counter() - start
-    cpu = cpu_seconds(me) - cpu_before
-    emulator_cpu = cpu_seconds(emulators) - emulator_cpu_before
-    gc.collect()
-    after = rss()
-    latencies = sorted(ready_at[c] - published[c] for c in ready_at)
-    passes = service.passes
+    # Let the passes that follow readiness finish before CPU and requests are read.
+    await asyncio.sleep(5.0)
+    cpu = cpu_seconds(provisioner) - cpu_before
+    rss_after = provisioner.memory_info().rss
+    requests = sum(proxy.requests.values())
+    latencies = sorted(reached[c] - published[c] for c in reached)
     await subscription.unsubscribe()
-    await service.stop(5)
-    await provisioner_bus.close()
+    child.terminate()
+    child.wait(30)
     await bus.close()
+    await proxy.stop()
+    nats.stop()
     return {
-        "clusters": clusters,
-        "ready": len(ready_at),
+        "clusters": count,
+        "reached": len(reached),
         "seconds": elapsed,
-        "throughput": len(ready_at) / elapsed,
+        "throughput": len(reached) / elapsed,
         "p50": statistics.median(latencies) if latencies else float("nan"),
-        "p95": latencies[int(len(latencies) * 0.95) - 1] if latencies else float("nan"),
+        "p99": latencies[max(0, int(len(latencies) * 0.99) - 1)] if latencies else float("nan"),
         "max": latencies[-1] if latencies else float("nan"),
-        "rss_per_cluster_kib": (after - before) / max(1, len(ready_at)) / 1024,
-        "passes_per_cluster": passes / clusters,
-        "cpu_ms_per_cluster": cpu * 1000 / clusters,
-        "emulator_cpu_ms_per_cluster": emulator_cpu * 1000 / clusters,
+        "requests_per_cluster": requests / count,
+        "cpu_ms_per_cluster": cpu * 1000 / count,
+        "rss_kib_per_cluster": (rss_after - rss_before) / count / 1024,
     }
 
 
-async def main_async(sizes: list[int]) -> None:
-    print(
-        f"{'clusters':>8} {'ready':>6} {'seconds':>8} {'clusters/s':>10} "
-        f"{'p50 s':>7} {'p95 s':>7} {'max s':>7} {'KiB/cluster':>11} {'passes':>6} "
-        f"{'CPU ms/cl':>9} {'emu CPU ms/cl':>13}"
+async def main_async(sizes: list[int], real_sizes: list[int]) -> None:
+    header = (
+        f"{'pods':>5} {'clusters':>8} {'reached':>7} {'seconds':>8} {'clusters/s':>10} "
+        f"{'p50 s':>7} {'p99 s':>7} {'max s':>7} {'req/cl':>7} {'CPU ms/cl':>9} {'KiB/cl':>7}"
     )
-    for size in sizes:
-        with tempfile.TemporaryDirectory() as tmp:
+    rows = []
+    for real, count in [(False, n) for n in sizes] + [(True, n) for n in real_sizes]:
+        with tempfile.TemporaryDirectory(prefix="nest-bench-") as tmp:
             root = Path(tmp)
-            # A fresh emulator and NATS per size, so runs do not see each other's clusters.
-            child = subprocess.Popen(
-                [sys.executable, __file__, "--serve", str(root)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                start_new_session=True,
+            started = time.perf_counter()
+            state = await asyncio.to_thread(
+                harness.start_background, root / "kube", probe_scale=1.0, echo=False
             )
-            nats = EmbeddedNats(root / "nats")
-            nats.start()
+            startup = time.perf_counter() - started
+            cluster = ManagementCluster(
+                directory=root / "kube",
+                kubeconfig=Path(state.kubeconfig),
+                url=state.url,
+                version=state.version,
+                node_names=tuple(state.node_names),
+                node_ips=tuple(state.node_ips),
+                hosts=Path(state.hosts),
+                bridge=state.bridge,
+            )
+            print(f"management cluster v{state.version} up in {startup:.1f}s", flush=True)
             try:
-                assert child.stdout is not None
-                endpoints = json.loads(child.stdout.readline())
-                pattern = re.compile(rf".*\.{re.escape(TENANT_DOMAIN)}")
-                async with kmock.AiohttpInterceptor("127.0.0.1", endpoints["tenants"], pattern):
-                    figures = await run(
-                        size, nats.url, Path(endpoints["kubeconfig"]), root, child.pid
-                    )
-                print(
-                    f"{figures['clusters']:>8.0f} {figures['ready']:>6.0f} "
-                    f"{figures['seconds']:>8.2f} {figures['throughput']:>10.1f} "
-                    f"{figures['p50']:>7.2f} {figures['p95']:>7.2f} {figures['max']:>7.2f} "
-                    f"{figures['rss_per_cluster_kib']:>11.0f} "
-                    f"{figures['passes_per_cluster']:>6.1f} "
-                    f"{figures['cpu_ms_per_cluster']:>9.0f} "
-                    f"{figures['emulator_cpu_ms_per_cluster']:>13.0f}",
-                    flush=True,
-                )
+                figures = await run(cluster, count, real, root)
             finally:
-                nats.stop()
-                if child.stdin is not None:
-                    child.stdin.close()
-                try:
-                    child.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(child.pid, 9)
+                await asyncio.to_thread(harness.stop_background, root / "kube")
+        rows.append(
+            f"{'real' if real else 'fake':>5} {figures['clusters']:>8.0f} "
+            f"{figures['reached']:>7.0f} {figures['seconds']:>8.1f} "
+            f"{figures['throughput']:>10.2f} {figures['p50']:>7.2f} {figures['p99']:>7.2f} "
+            f"{figures['max']:>7.2f} {figures['requests_per_cluster']:>7.1f} "
+            f"{figures['cpu_ms_per_cluster']:>9.0f} {figures['rss_kib_per_cluster']:>7.0f}"
+        )
+        print(header)
+        print("\n".join(rows), flush=True)
+    print(json.dumps({"load_average": os.getloadavg()}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clusters", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--clusters", type=int, nargs="*", default=[100])
+    parser.add_argument("--real", type=int, nargs="*", default=[1, 5])
     args = parser.parse_args()
-    if args.serve:
-        asyncio.run(serve_emulators(args.serve))
-    else:
-        asyncio.run(main_async(args.clusters))
+    asyncio.run(main_async(args.clusters, args.real))
 
 
 if __name__ == "__main__":

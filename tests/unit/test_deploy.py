@@ -26,3 +26,12 @@ def test_compose_runs_only_existing_services_with_health_checks() -> None:
         env = service["environment"]
         assert env["NEST_NATS_URL"].startswith("nats://")
         assert env["NEST_DATABASE_URL"].startswith("postgresql://")
+
+
+def test_the_image_ships_the_etcdutl_of_the_newest_supported_release() -> None:
+    """Restore Jobs run `etcdutl` from the Nest image; it must read snapshots of every supported
+    etcd, so it comes from the newest release's etcd image."""
+    from libs.common.contract.versions import NEWEST_VERSION, release
+
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert f"ARG ETCD_IMAGE=registry.k8s.io/etcd:{release(NEWEST_VERSION).etcd}\n" in dockerfile

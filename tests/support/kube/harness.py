@@ -99,7 +99,7 @@ async def serve(
     directory.mkdir(parents=True, exist_ok=True)
     state = State(directory=str(directory), pid=os.getpid(), version=version)
     state.save()
-    bridge = network.create_bridge(nodes, binaries.CACHE_ROOT.parent / "harness")
+    bridge = network.create_bridge(nodes, binaries.CACHE_ROOT.parent / "harness", str(directory))
     state.bridge = bridge.name
     state.save()
     plane = ControlPlane(directory, version, advertise_address=bridge.gateway)
@@ -157,7 +157,7 @@ async def serve(
         if agent is not None:
             await agent.stop()
         await asyncio.to_thread(plane.stop)
-        network.teardown(bridge.name)
+        network.teardown(bridge.name, str(directory))
         state.ready = False
         state.stopped = True
         state.save()
@@ -262,16 +262,15 @@ def stop_background(directory: Path, timeout: float = 60.0) -> None:
     for group in state.process_groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
-    if state.bridge:
-        for netns in network.namespaces():
-            if netns.startswith(f"{state.bridge}-"):
-                pids = subprocess.run(
-                    ["ip", "netns", "pids", netns], capture_output=True, text=True
-                ).stdout.split()
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError, ValueError):
-                        os.killpg(int(pid), signal.SIGKILL)
-        network.teardown(state.bridge)
+    if state.bridge and network.owner(state.bridge) in (state.directory, None):
+        for netns in network.pod_namespaces(state.bridge):
+            pids = subprocess.run(
+                ["ip", "netns", "pids", netns], capture_output=True, text=True
+            ).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.killpg(int(pid), signal.SIGKILL)
+        network.teardown(state.bridge, state.directory)
 
 
 def with_cluster_dns(hosts: Path, argv: list[str]) -> list[str]:
@@ -287,7 +286,15 @@ def exec_with_dns(directory: Path, argv: list[str]) -> int:
     if state is None or not state.ready:
         print(f"no harness is running in {directory}", file=sys.stderr)
         return 1
-    return subprocess.call(with_cluster_dns(Path(state.hosts), argv))
+    node = state.node_ips[0]
+    env = dict(os.environ)
+    env.setdefault("NEST_KUBECONFIG", state.kubeconfig)
+    env.setdefault("NEST_NODE_ADDRESS", node)
+    env.setdefault("NEST_BACKUP_SERVE_HOST", node)
+    env.setdefault(
+        "NEST_BACKUP_PUBLIC_URL", f"http://{node}:{env.get('NEST_BACKUP_SERVE_PORT', '8091')}"
+    )
+    return subprocess.call(with_cluster_dns(Path(state.hosts), argv), env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

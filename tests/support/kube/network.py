@@ -150,8 +150,18 @@ class Bridge:
         _ip("link", "delete", self.veth_name(pod_id), check=False)
 
 
-def create_bridge(nodes: int, lock_dir: Path) -> Bridge:
-    """A new bridge with a subnet no other harness on this machine uses (claimed under a lock)."""
+def owner(bridge_name: str) -> str | None:
+    """Who made the bridge (its link alias: the harness directory), None if it is gone."""
+    done = _ip("-o", "link", "show", "dev", bridge_name, check=False)
+    if done.returncode != 0:
+        return None
+    words = done.stdout.split()
+    return words[words.index("alias") + 1] if "alias" in words else ""
+
+
+def create_bridge(nodes: int, lock_dir: Path, owner_id: str) -> Bridge:
+    """A new bridge with a subnet no other harness on this machine uses (claimed under a lock),
+    marked as `owner_id`'s, so that no other harness's clean-up ever removes it."""
     import fcntl
 
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +174,7 @@ def create_bridge(nodes: int, lock_dir: Path) -> Bridge:
                 continue
             subnet = ipaddress.IPv4Network(f"10.{FIRST_SUBNET + index}.0.0/16")
             node_ips = [str(subnet.network_address + 1 + i) for i in range(nodes)]
-            commands = [f"link add {name} type bridge"]
+            commands = [f"link add {name} type bridge", f"link set {name} alias {owner_id}"]
             commands += [f"addr add {ip}/16 dev {name}" for ip in node_ips[:1]]
             commands += [f"addr add {ip}/32 dev {name}" for ip in node_ips[1:]]
             commands += [f"link set {name} up"]
@@ -173,8 +183,15 @@ def create_bridge(nodes: int, lock_dir: Path) -> Bridge:
     raise NetworkError(f"all {MAX_BRIDGES} harness bridges are in use")
 
 
-def teardown(bridge_name: str) -> None:
-    """Remove a bridge and every pod namespace and veth named after it (also after a crash)."""
+def pod_namespaces(bridge_name: str) -> list[str]:
+    return [n for n in namespaces() if n.startswith(f"{bridge_name}-")]
+
+
+def teardown(bridge_name: str, owner_id: str) -> None:
+    """Remove a bridge and every pod namespace and veth named after it (also after a crash), if
+    it is still `owner_id`'s: the name may have been taken by another harness since."""
+    if owner(bridge_name) not in (owner_id, None):
+        return
     for netns in namespaces():
         if netns.startswith(f"{bridge_name}-"):
             _ip("netns", "delete", netns, check=False)

@@ -12,8 +12,6 @@ these tests, so what finishes a deletion is the provisioner following it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,20 +22,17 @@ from libs.common.bus import Bus
 from libs.common.contract import DLQ_STREAM
 from libs.common.settings import Settings
 from services.provisioner import names
-from services.provisioner.service import ProvisionerService
 from tests.support.kube.api import ApiError
 from tests.support.kube_harness import (
     SMALL,
     Management,
-    fast_config,
     phase,
     provisioner_settings,
-    reset_buckets,
     unique,
     wait_cluster,
 )
 
-from .test_provisioner import create, management_side_ready
+from .test_provisioner import create, management_side_ready, provisioner_without_resync
 
 HOLD_FINALIZER = "example.com/hold"
 HOLDER = "held-by-another-controller"
@@ -55,29 +50,6 @@ async def dead_letters(bus: Bus) -> list[object]:
 
 def gone(cluster: dict[str, object]) -> bool:
     return cluster.get("status") == 404
-
-
-@contextlib.asynccontextmanager
-async def provisioner_without_resync(
-    settings: Settings, nats_url: str, **config: Any
-) -> AsyncIterator[ProvisionerService]:
-    """`running_provisioner`, except that its first resync is an hour away (not 10 s), so
-    only the provisioner's own follow-up of a deletion can finish it here."""
-    bus = Bus([nats_url], name="test-provisioner")
-    await bus.connect()
-    await bus.ensure_streams()
-    await reset_buckets(bus)
-    service = ProvisionerService(
-        settings,
-        config=dataclasses.replace(fast_config(settings), **config),
-        first_resync_after=3600.0,
-    )
-    await service.start(bus)
-    try:
-        yield service
-    finally:
-        await service.stop(3.0)
-        await bus.close()
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import ipaddress
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -34,8 +36,10 @@ from tests.support.kube_harness import (
     SMALL,
     Management,
     condition,
+    fast_config,
     phase,
     provisioner_settings,
+    reset_buckets,
     running_provisioner,
     unique,
     wait_cluster,
@@ -90,16 +94,41 @@ async def delete_namespace(management: Management, namespace: str) -> None:
             raise
 
 
+@contextlib.asynccontextmanager
+async def provisioner_without_resync(
+    settings: Settings, nats_url: str, **config: Any
+) -> AsyncIterator[ProvisionerService]:
+    """`running_provisioner`, except that its first resync is an hour away rather than 10 s
+    (real control planes take about that long to become Ready): a test that needs a resync
+    calls it, and nothing else forces writes meanwhile."""
+    bus = Bus([nats_url], name="test-provisioner")
+    await bus.connect()
+    await bus.ensure_streams()
+    await reset_buckets(bus)
+    service = ProvisionerService(
+        settings,
+        config=dataclasses.replace(fast_config(settings), **config),
+        first_resync_after=3600.0,
+    )
+    await service.start(bus)
+    try:
+        yield service
+    finally:
+        await service.stop(3.0)
+        await bus.close()
+
+
 @pytest.fixture
 async def provisioner(
     settings: Settings, management: Management, nats_url: str, leftovers: Leftovers
 ) -> AsyncIterator[ProvisionerService]:
     """As in conftest (the chart's ServiceAccount through the proxy, NodePort clusters at the
-    first node's address), stopped before `leftovers` cleans up."""
+    first node's address) but without a resync of its own, and stopped before `leftovers`
+    cleans up."""
     configured = provisioner_settings(
         settings, management.kubeconfig, node_address=management.node_address
     )
-    async with running_provisioner(configured, nats_url) as service:
+    async with provisioner_without_resync(configured, nats_url) as service:
         yield service
 
 
@@ -220,8 +249,9 @@ async def first_event_of_generation(
 
 
 async def tenant_apply_requests(management: Management, name: str) -> int:
-    """Server-side applies the hosted cluster's API server answered so far (its own metrics:
-    the one API server replica of a `SMALL` cluster sees every request)."""
+    """Server-side applies of objects (not of their status) the hosted cluster's API server
+    answered so far, from its own metrics: the one API server replica of a `SMALL` cluster
+    sees every request."""
     async with await management.tenant(name) as tenant:
         credentials: Credentials = tenant.credentials
     async with httpx.AsyncClient(
@@ -231,7 +261,12 @@ async def tenant_apply_requests(management: Management, name: str) -> int:
     assert response.status_code == 200, response.text
     total = 0
     for line in response.text.splitlines():
-        if line.startswith("apiserver_request_total{") and 'verb="APPLY"' in line:
+        # Not `subresource="status"`: the API server applies its own objects' status.
+        if (
+            line.startswith("apiserver_request_total{")
+            and 'verb="APPLY"' in line
+            and 'subresource=""' in line
+        ):
             total += int(float(line.rsplit(" ", 1)[1]))
     return total
 
@@ -578,7 +613,11 @@ class TestDeletion:
         leftovers: Leftovers,
     ) -> None:
         name = leftovers.name("gone")
-        cluster = await create_real(api, name)
+        # Fake pods: a real control plane's pods take their grace period to stop (the API
+        # server waits for the etcd stopping next to it), which tells nothing more here.
+        cluster = await create(api, name, **SMALL)
+        await wait_cluster(api, cluster["id"], management_side_ready)
+        assert await cluster_objects(management, name)
         assert (await api.delete(f"/api/v1/clusters/{cluster['id']}")).status_code in (200, 202)
         await wait_cluster(api, cluster["id"], lambda c: c.get("status") == 404)
         assert await cluster_objects(management, name) == {}

@@ -59,9 +59,7 @@ def management_ready(data: dict[str, Any]) -> bool:
     return all(conditions.get(kind) == "True" for kind in MANAGEMENT_READY)
 
 
-async def run(
-    cluster: ManagementCluster, count: int, real: bool, root: Path
-) -> dict[str, float]:
+async def run(cluster: ManagementCluster, count: int, real: bool, root: Path) -> dict[str, float]:
     nats = EmbeddedNats(root / f"nats-{uuid.uuid4().hex[:4]}")
     nats.start()
     proxy = KubeProxy(cluster, root / "proxy")
@@ -100,7 +98,8 @@ async def run(
         cluster_id = data["clusterId"]
         if os.environ.get("BENCH_TRACE"):
             conditions = {c["type"]: c["status"] for c in data.get("conditions") or []}
-            print(f"  {time.perf_counter() - start:6.2f} {cluster_id} {data.get('phase')} {conditions}")
+            at = time.perf_counter() - start
+            print(f"  {at:6.2f} {cluster_id} {data.get('phase')} {conditions}")
         hit = data.get("phase") == "Ready" if real else management_ready(data)
         if hit and cluster_id not in reached:
             reached[cluster_id] = time.perf_counter()
@@ -160,7 +159,7 @@ async def run(
     }
 
 
-async def main_async(sizes: list[int], real_sizes: list[int]) -> None:
+async def main_async(sizes: list[int], real_sizes: list[int], keep: Path | None) -> None:
     header = (
         f"{'pods':>5} {'clusters':>8} {'reached':>7} {'seconds':>8} {'clusters/s':>10} "
         f"{'p50 s':>7} {'p99 s':>7} {'max s':>7} {'req/cl':>7} {'CPU ms/cl':>9} {'KiB/cl':>7}"
@@ -169,6 +168,9 @@ async def main_async(sizes: list[int], real_sizes: list[int]) -> None:
     for real, count in [(False, n) for n in sizes] + [(True, n) for n in real_sizes]:
         with tempfile.TemporaryDirectory(prefix="nest-bench-") as tmp:
             root = Path(tmp)
+            if keep is not None:
+                root = keep / f"{'real' if real else 'fake'}-{count}"
+                root.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
             state = await asyncio.to_thread(
                 harness.start_background, root / "kube", probe_scale=1.0, echo=False
@@ -205,8 +207,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clusters", type=int, nargs="*", default=[100])
     parser.add_argument("--real", type=int, nargs="*", default=[1, 5])
+    parser.add_argument("--keep", type=Path, help="work (and keep logs) in this directory")
     args = parser.parse_args()
-    asyncio.run(main_async(args.clusters, args.real))
+    asyncio.run(main_async(args.clusters, args.real, args.keep))
 
 
 if __name__ == "__main__":

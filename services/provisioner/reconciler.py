@@ -518,9 +518,20 @@ class Reconciler:
             endpoint_host=endpoint.host if endpoint else None,
             secret_hashes=hashes,
         )
+        # A new control plane waits for its load balancer's address: started before it, it
+        # would advertise its pod IP and serve a certificate without the address, and roll
+        # again (every pod restarted) as soon as the address arrived.
+        hold_control_plane = (
+            endpoint is None
+            and live_deployment is None
+            and intent.spec.network.service_type == "LoadBalancer"
+        )
         for obj in manifests.render_cluster(intent, render)[1:]:
-            if obj["kind"] != "Service":
-                await self._apply_rendered(client, intent.cluster_id, obj, applied)
+            if obj["kind"] == "Service":
+                continue
+            if hold_control_plane and obj["kind"] == "Deployment":
+                continue
+            await self._apply_rendered(client, intent.cluster_id, obj, applied)
 
         # What the cluster had when last Ready tells a change rolling out from a loss.
         had = record.ready_capacity or status.Capacity.of(intent.spec)
@@ -533,8 +544,11 @@ class Reconciler:
         if not ok and not datastore_lost(etcd, intent.spec.datastore.replicas, had.datastore):
             observation.changing.add(status.DATASTORE)
 
-        control_plane = applied[("Deployment", names.CONTROL_PLANE_DEPLOYMENT)]
-        ok, message = deployment_rolled_out(control_plane, intent.spec.control_plane.replicas)
+        control_plane = applied.get(("Deployment", names.CONTROL_PLANE_DEPLOYMENT), {})
+        if hold_control_plane:
+            ok, message = False, "waiting for the endpoint's address to start the control plane"
+        else:
+            ok, message = deployment_rolled_out(control_plane, intent.spec.control_plane.replicas)
         control_plane_ok = ok and datastore_ok
         if ok and not datastore_ok:
             message = f"{message}; waiting for etcd"

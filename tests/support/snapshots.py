@@ -1,5 +1,5 @@
 """Real etcd snapshots for restore tests: an etcd with known keys saved by etcdctl, and a
-plain HTTP server on loopback serving a directory (query strings ignored)."""
+plain HTTP server serving a directory (query strings ignored), on loopback unless told."""
 
 from __future__ import annotations
 
@@ -79,8 +79,9 @@ def restored_keys(root: Path, data_dir: Path, name: str) -> tuple[int, dict[byte
 
 
 @contextlib.contextmanager
-def serve_directory(directory: Path) -> Iterator[str]:
-    """`http://127.0.0.1:<port>` serving the files of `directory`."""
+def serve_directory(directory: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """`http://<host>:<port>` serving the files of `directory` (a restore Job's pod in the
+    test cluster reaches the host at a harness node's address, never at 127.0.0.1)."""
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -89,11 +90,11 @@ def serve_directory(directory: Path) -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = http.server.ThreadingHTTPServer((host, 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://{host}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -9,6 +9,7 @@ Each process runs in its own process group with its output in `<dir>/logs/<name>
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -22,8 +23,11 @@ import httpx
 
 from tests.support.kube import binaries, pki
 
-SERVICE_CIDR = "10.96.0.0/16"
-SERVICE_IP = "10.96.0.1"
+
+def service_cidr(index: int) -> str:
+    """The management cluster's Service range: one per harness, because the harness binds
+    every cluster IP on the host (two harnesses must never hand out the same address)."""
+    return f"10.{100 + index}.0.0/16"
 
 
 class ControlPlaneError(Exception):
@@ -41,9 +45,15 @@ class ControlPlane:
     directory: Path
     version: str
     advertise_address: str
+    index: int = 0
+    """The harness's bridge index: picks its Service range."""
     certificates: pki.ClusterPki | None = None
     port: int = 0
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def service_cidr(self) -> str:
+        return service_cidr(self.index)
 
     @property
     def url(self) -> str:
@@ -79,7 +89,9 @@ class ControlPlane:
         kube = binaries.kubernetes(self.version)
         etcd = binaries.etcd(binaries.ETCD_VERSIONS[0])
         self.certificates = certs = pki.create(
-            self.directory / "pki", service_ip=SERVICE_IP, extra_ips=(self.advertise_address,)
+            self.directory / "pki",
+            service_ip=str(ipaddress.IPv4Network(self.service_cidr)[1]),
+            extra_ips=(self.advertise_address,),
         )
         self.port = free_port()
         client_port, peer_port = free_port(), free_port()
@@ -117,7 +129,7 @@ class ControlPlane:
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={certs.service_account_pub}",
                 f"--service-account-signing-key-file={certs.service_account_key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={self.service_cidr}",
                 "--authorization-mode=Node,RBAC",
                 "--enable-admission-plugins=NodeRestriction",
                 "--allow-privileged=true",
@@ -143,11 +155,19 @@ class ControlPlane:
                     f"--service-account-private-key-file={certs.service_account_key}",
                     "--use-service-account-credentials=true",
                     "--allocate-node-cidrs=false",
-                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    f"--service-cluster-ip-range={self.service_cidr}",
                     "--leader-elect=false",
+                    # A management cluster that hosts many control planes raises the client
+                    # rate limits (defaults 20/30), or creating them queues in its controllers.
+                    "--kube-api-qps=100",
+                    "--kube-api-burst=200",
                 ],
             ),
-            ("kube-scheduler", "scheduler", ["--leader-elect=false"]),
+            (
+                "kube-scheduler",
+                "scheduler",
+                ["--leader-elect=false", "--kube-api-qps=100", "--kube-api-burst=200"],
+            ),
         ):
             binary = (
                 kube.kube_controller_manager

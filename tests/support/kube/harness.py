@@ -73,12 +73,19 @@ class State:
 
 
 def alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie does not (and one that is our own child is reaped here)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
     return True
 
 
@@ -102,7 +109,7 @@ async def serve(
     bridge = network.create_bridge(nodes, binaries.CACHE_ROOT.parent / "harness", str(directory))
     state.bridge = bridge.name
     state.save()
-    plane = ControlPlane(directory, version, advertise_address=bridge.gateway)
+    plane = ControlPlane(directory, version, advertise_address=bridge.gateway, index=bridge.index)
     agent: Agent | None = None
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

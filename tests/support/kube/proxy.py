@@ -10,6 +10,7 @@ from the cluster CA for 127.0.0.1, so a kubeconfig needs only a new server URL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 import tempfile
@@ -174,9 +175,11 @@ class KubeProxy:
                 headers={k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP},
             )
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+            # A watch the client closes ends here, as its connection does: not an error.
+            with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
             return response
 
 

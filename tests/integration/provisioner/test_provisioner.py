@@ -471,23 +471,24 @@ class TestChanges:
         await wait_cluster(api, cluster["id"], at_generation(2, "Ready"), timeout=READY_TIMEOUT)
         assert "Degraded" not in await reported_phases(api, cluster["id"])
 
-        # Losing what it had while the next change rolls out is Degraded all the same: a
-        # replica deleted while the third one starts.
+        # Losing what it had while the next change rolls out is Degraded all the same: the
+        # replicas it had deleted while the third one starts.
         await patch(api, cluster["id"], {"controlPlane": {"replicas": 3}})
         await first_event_of_generation(api, cluster["id"], 3)
         namespace = names.namespace_for(name)
-        running = [
+        available = [
             pod
             for pod in await management.list(
                 f"/api/v1/namespaces/{namespace}/pods",
                 labelSelector=f"{names.COMPONENT_LABEL}={manifests.COMPONENT_CONTROL_PLANE}",
             )
-            if pod["status"].get("phase") == "Running"
+            if pod_ready(pod) and not pod["metadata"].get("deletionTimestamp")
         ]
-        assert running
-        await management.api.delete(
-            f"/api/v1/namespaces/{namespace}/pods/{running[0]['metadata']['name']}"
-        )
+        assert len(available) >= 2, available
+        for pod in available:  # whether or not the third one is available yet
+            await management.api.delete(
+                f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}"
+            )
         degraded = await wait_for_event(
             api, cluster["id"], lambda e: e["observedGeneration"] == 3 and e["phase"] == "Degraded"
         )
@@ -590,6 +591,11 @@ class TestChanges:
         stored = await secret(management, name, names.SECRET_SCHEDULER_KUBECONFIG)
         kubeconfig = yaml.safe_load(base64.b64decode(stored["data"]["kubeconfig"]))
         assert kubeconfig["clusters"][0]["cluster"]["server"] == f"https://localhost:{node_port}"
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 async def wait_for_event(

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from libs.common.bus import Bus
-from libs.common.contract import DLQ_STREAM
+from libs.common.contract import DLQ_STREAM, INTENTS_STREAM
 from libs.common.settings import Settings
 from services.provisioner import names
 from tests.support.kube.api import ApiError
@@ -46,6 +46,22 @@ async def dead_letters(bus: Bus) -> list[object]:
         return []
     finally:
         await sub.unsubscribe()
+
+
+async def intents_published(bus: Bus) -> int:
+    """The sequence of the last intent published so far."""
+    return int((await bus.nc.jetstream().stream_info(INTENTS_STREAM)).state.last_seq)
+
+
+async def intents_done(bus: Bus, after: int) -> None:
+    """Wait until an intent was published after sequence `after` and every intent is off the
+    work-queue stream: acked, because it was done or because it was dead-lettered."""
+    for _ in range(1200):
+        state = (await bus.nc.jetstream().stream_info(INTENTS_STREAM)).state
+        if state.last_seq > after and state.messages == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the provisioner never finished with the delete intent")
 
 
 def gone(cluster: dict[str, object]) -> bool:
@@ -116,9 +132,11 @@ async def test_a_namespace_terminating_past_the_delete_timeout_is_waited_for(
     async with provisioner_without_resync(configured, nats_url, delete_timeout_seconds=0.3):
         created, namespace = await created_cluster(api, namespaces, "slowgone")
         await hold_content(management, namespace)
+        published = await intents_published(bus)
         assert (await api.delete(f"/api/v1/clusters/{created['id']}")).status_code in (200, 202)
-        # Longer than two deliveries of the delete intent (0.3 s each and a 0.5 s pause).
-        await asyncio.sleep(1.5)
+        # The delete intent is done with (not dead-lettered: see the end) while the
+        # namespace is still there.
+        await intents_done(bus, published)
         terminating = await management.get(f"/api/v1/namespaces/{namespace}")
         assert terminating is not None and terminating["metadata"]["deletionTimestamp"]
         assert terminating["spec"]["finalizers"] == ["kubernetes"]  # content still there
@@ -145,9 +163,9 @@ async def test_a_namespace_held_by_a_finalizer_is_waited_for_until_it_goes(
         await management.api.merge_patch(
             path, {"metadata": {"finalizers": ["example.com/cleanup"]}}
         )
+        published = await intents_published(bus)
         await api.delete(f"/api/v1/clusters/{created['id']}")
-        # Longer than two deliveries of the delete intent (0.3 s each and a 0.5 s pause).
-        await asyncio.sleep(2.0)
+        await intents_done(bus, published)
         held = await management.get(path)
         assert held is not None and held["status"]["phase"] == "Terminating"
         await wait_cluster(api, created["id"], phase("Deleting"))

@@ -22,7 +22,6 @@ from libs.common.bus import Bus
 from libs.common.contract import DLQ_STREAM, INTENTS_STREAM
 from libs.common.settings import Settings
 from services.provisioner import names
-from tests.support.kube.api import ApiError
 from tests.support.kube_harness import (
     SMALL,
     Management,
@@ -79,11 +78,7 @@ async def namespaces(management: Management) -> AsyncIterator[list[str]]:
         await management.api.merge_patch(
             f"/api/v1/namespaces/{namespace}", {"metadata": {"finalizers": None}}
         )
-        try:
-            await management.api.delete(f"/api/v1/namespaces/{namespace}")
-        except ApiError as exc:
-            if exc.status != 409:  # terminating already
-                raise
+        await management.api.delete(f"/api/v1/namespaces/{namespace}")
 
 
 async def hold_content(management: Management, namespace: str) -> None:

@@ -184,6 +184,7 @@ async def main_async(sizes: list[int], real_sizes: list[int], keep: Path | None)
                 node_names=tuple(state.node_names),
                 node_ips=tuple(state.node_ips),
                 hosts=Path(state.hosts),
+                etcd_url=state.etcd_url,
                 bridge=state.bridge,
             )
             print(f"management cluster v{state.version} up in {startup:.1f}s", flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import contextlib
 import dataclasses
 import datetime
@@ -123,9 +124,9 @@ class Management:
         cert, key = _client_certificate(ca_pem, ca_key)
         return Api(Credentials(f"https://{host}:{port}", ca_pem, cert, key), timeout=10)
 
-    async def pod_processes(self, namespace: str, selector: str) -> list[int]:
+    async def pod_processes(self, namespace: str, selector: str) -> builtins.list[int]:
         """Process ids of the containers of the pods matching `selector`, which run for real."""
-        pids: list[int] = []
+        pids: builtins.list[int] = []
         for pod in await self.api.list(
             f"/api/v1/namespaces/{namespace}/pods", labelSelector=selector
         ):
@@ -138,7 +139,7 @@ class Management:
             pids += [int(p) for p in out.split()]
         return pids
 
-    async def freeze(self, namespace: str, selector: str) -> list[int]:
+    async def freeze(self, namespace: str, selector: str) -> builtins.list[int]:
         """SIGSTOP every container process of the matching pods (a wedged server: the kernel
         still accepts connections, nothing answers); returns the pids for `thaw`."""
         pids = await self.pod_processes(namespace, selector)
@@ -148,7 +149,7 @@ class Management:
         return pids
 
     @staticmethod
-    def thaw(pids: list[int]) -> None:
+    def thaw(pids: builtins.list[int]) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
@@ -209,7 +210,9 @@ class SilentEndpoint:
 
 
 @contextlib.asynccontextmanager
-async def silent_endpoint(host: str) -> AsyncIterator[SilentEndpoint]:
+async def silent_endpoint(host: str, port: int = 0) -> AsyncIterator[SilentEndpoint]:
+    """Serve a `SilentEndpoint` on `host` (a harness node address) and `port` (e.g. a cluster's
+    NodePort, taken before the harness forwards it; 0: any)."""
     endpoint = SilentEndpoint(host=host)
     held: list[asyncio.StreamWriter] = []
 
@@ -217,7 +220,7 @@ async def silent_endpoint(host: str) -> AsyncIterator[SilentEndpoint]:
         endpoint.connections += 1
         held.append(writer)
 
-    server = await asyncio.start_server(accept, host, 0)
+    server = await asyncio.start_server(accept, host, port)
     endpoint.port = server.sockets[0].getsockname()[1]
     try:
         async with server:

@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class ControlPlane:
     """The harness's bridge index: picks its Service range."""
     certificates: pki.ClusterPki | None = None
     port: int = 0
+    etcd_url: str = ""
+    """The management etcd's client URL (plain HTTP on 127.0.0.1)."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -85,7 +88,7 @@ class ControlPlane:
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
-    def start(self, progress: callable = print) -> None:  # type: ignore[valid-type]
+    def start(self, progress: Callable[[str], None] = print) -> None:
         kube = binaries.kubernetes(self.version)
         etcd = binaries.etcd(binaries.ETCD_VERSIONS[0])
         self.certificates = certs = pki.create(
@@ -95,6 +98,7 @@ class ControlPlane:
         )
         self.port = free_port()
         client_port, peer_port = free_port(), free_port()
+        self.etcd_url = f"http://127.0.0.1:{client_port}"
         progress(f"starting etcd {etcd.version}")
         self._spawn(
             "etcd",

@@ -51,6 +51,7 @@ class State:
     error: str = ""
     version: str = ""
     url: str = ""
+    etcd_url: str = ""
     kubeconfig: str = ""
     node_names: list[str] = field(default_factory=list)
     node_ips: list[str] = field(default_factory=list)
@@ -137,6 +138,7 @@ async def serve(
         await _wait_for_controllers(api)
         state.ready = True
         state.url = plane.url
+        state.etcd_url = plane.etcd_url
         state.kubeconfig = str(plane.admin_kubeconfig)
         state.node_names = names
         state.node_ips = bridge.node_ips

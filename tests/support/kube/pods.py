@@ -56,7 +56,12 @@ async def wait_process(process: subprocess.Popen[bytes]) -> int:
     loop = asyncio.get_running_loop()
     fd = os.pidfd_open(process.pid)
     exited = loop.create_future()
-    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_exit)
     try:
         if process.poll() is None:
             await exited
@@ -316,7 +321,8 @@ class Pod:
             await self._sleep(3600)
 
     def _backoff(self, container: Container) -> float:
-        return min(10.0 * 2 ** max(container.restarts - 1, 0), 300.0) * self.runtime.probe_scale
+        delay = min(10.0 * 2.0 ** max(container.restarts - 1, 0), 300.0)
+        return float(delay * self.runtime.probe_scale)
 
     async def _run_to_completion(self, container: Container) -> int:
         await self._spawn(container)
@@ -524,7 +530,7 @@ class Pod:
             "status.hostIP": self.runtime.node_ips.get(self.obj["spec"].get("nodeName", ""), ""),
         }
         if path in simple:
-            return simple[path]
+            return str(simple[path])
         if match := re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path):
             return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
         raise PodError(f"fieldRef {path} is not supported by the harness")

@@ -106,11 +106,11 @@ class KubeProxy:
         )
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, "127.0.0.1", 0, ssl_context=server_context, shutdown_timeout=0.5
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
         )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=server_context)
         await site.start()
         server = site._server
         assert server is not None and server.sockets  # type: ignore[attr-defined]

@@ -43,6 +43,8 @@ class ManagementCluster:
     node_ips: tuple[str, ...]
     hosts: Path
     """The cluster's DNS as a hosts file (service and pod names)."""
+    etcd_url: str
+    """The management cluster's own etcd (plain HTTP on 127.0.0.1)."""
     bridge: str
     """The harness bridge; a real pod's network namespace is `<bridge>-<first 10 hex of uid>`."""
 
@@ -100,6 +102,7 @@ def shared_cluster() -> ManagementCluster:
         node_names=tuple(state.node_names),
         node_ips=tuple(state.node_ips),
         hosts=Path(state.hosts),
+        etcd_url=state.etcd_url,
         bridge=state.bridge,
     )
 

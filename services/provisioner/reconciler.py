@@ -335,6 +335,8 @@ class Reconciler:
         applies only tenant objects whose rendering changed (the resync applies them all)."""
         self._tenant_backoff: dict[str, _TenantBackoff] = {}
         """Cluster id -> when its add-ons may be tried again after its tenant API failed."""
+        self._addons_were_due: dict[str, bool] = {}
+        """Cluster id -> whether its last pass found the control plane ready at its endpoint."""
         self._suspects: dict[str, dict[str, str | None]] = {}
         """Cluster id -> REST path -> resourceVersion of a change a watch reported (None:
         deleted); checked against `_applied` at the start of the cluster's next pass."""
@@ -374,6 +376,12 @@ class Reconciler:
             self._tenant_applied.pop(intent.cluster_id, None)
         async with self._management_slots:
             observation, addons_due = await self._reconcile_management(intent, record, force)
+        due_before = self._addons_were_due.get(intent.cluster_id, False)
+        self._addons_were_due[intent.cluster_id] = addons_due is not None
+        if addons_due is not None and not due_before:
+            # A control plane that has just (again) become ready at its endpoint is tried at
+            # once: failures while it rolled out say nothing about it now.
+            self._tenant_backoff.pop(intent.cluster_id, None)
         if addons_due is not None and not self._addons_paused(intent, addons_due, observation):
             async with self._tenant_slots:
                 await self._reconcile_addons(intent, addons_due, observation)
@@ -787,6 +795,7 @@ class Reconciler:
         self._applied.pop(intent.cluster_id, None)
         self._suspects.pop(intent.cluster_id, None)
         self._tenant_backoff.pop(intent.cluster_id, None)
+        self._addons_were_due.pop(intent.cluster_id, None)
         self._tenant_applied.pop(intent.cluster_id, None)
         path = f"/api/v1/namespaces/{names.namespace_for(intent.name)}"
         found = await client.get(path)

@@ -118,6 +118,10 @@ class Agent:
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+        reporters = [p.status_task for p in self.pods.values() if p.status_task is not None]
+        for task in reporters:
+            task.cancel()
+        await asyncio.gather(*reporters, return_exceptions=True)
         await self.proxies.close()
 
     # Nodes
@@ -370,6 +374,8 @@ class Agent:
 class _Listener:
     server: asyncio.Server
     ip: str
+    owner: str = ""
+    """`<namespace>/<name>` of the Service it forwards for."""
 
 
 @dataclass
@@ -382,6 +388,8 @@ class Proxies:
     by_service: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
     lb_ips: dict[str, str] = field(default_factory=dict)
     _round_robin: int = 0
+    _latest: dict[str, Obj] = field(default_factory=dict)
+    _retries: set[asyncio.Task[None]] = field(default_factory=set)
 
     @staticmethod
     def _key(service: Obj) -> str:
@@ -399,6 +407,7 @@ class Proxies:
 
     async def sync(self, service: Obj, node_ips: list[str]) -> None:
         key = self._key(service)
+        self._latest[key] = service
         spec = service["spec"]
         wanted: dict[tuple[str, int], Obj] = {}
         cluster_ip = spec.get("clusterIP")
@@ -422,8 +431,14 @@ class Proxies:
         for address in current - set(wanted):
             await self._close(address)
         for address, port in wanted.items():
-            if address in self.listeners:
+            existing = self.listeners.get(address)
+            if existing is not None and existing.owner == key:
                 continue
+            if existing is not None:
+                # A port another Service held (a NodePort freed by a deletion this agent has
+                # not seen yet, or reused at once): it forwards for this Service from now on.
+                await self._close(address)
+                self.by_service.get(existing.owner, set()).discard(address)
             ip, number = address
             if ip not in node_ips:
                 self.bridge.add_address(ip)
@@ -432,17 +447,37 @@ class Proxies:
             try:
                 server = await asyncio.start_server(handler, ip, number)
             except OSError as exc:
+                # Held by something outside the harness (e.g. a test's own listener): try
+                # again shortly, as kube-proxy keeps reconciling its rules.
                 log.warning("service %s: cannot listen on %s:%s: %s", key, ip, number, exc)
+                self._retry(service, node_ips)
                 continue
-            self.listeners[address] = _Listener(server, ip)
+            self.listeners[address] = _Listener(server, ip, key)
         self.by_service[key] = set(wanted) & set(self.listeners)
         if kind != "LoadBalancer" and key in self.lb_ips:
             self.bridge.remove_address(self.lb_ips.pop(key))
 
+    def _retry(self, service: Obj, node_ips: list[str]) -> None:
+        key = self._key(service)
+        self._latest[key] = service
+
+        async def again() -> None:
+            await asyncio.sleep(1.0)
+            latest = self._latest.get(key)
+            if latest is not None:
+                await self.sync(latest, node_ips)
+
+        task = asyncio.get_running_loop().create_task(again())
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
     async def remove(self, service: Obj) -> None:
         key = self._key(service)
+        self._latest.pop(key, None)
         for address in self.by_service.pop(key, set()):
-            await self._close(address)
+            listener = self.listeners.get(address)
+            if listener is not None and listener.owner == key:
+                await self._close(address)
         if key in self.lb_ips:
             self.bridge.remove_address(self.lb_ips.pop(key))
         cluster_ip = service["spec"].get("clusterIP")
@@ -455,6 +490,8 @@ class Proxies:
             listener.server.close()
 
     async def close(self) -> None:
+        for task in list(self._retries):
+            task.cancel()
         for address in list(self.listeners):
             await self._close(address)
 

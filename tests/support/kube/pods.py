@@ -166,9 +166,11 @@ class Pod:
         self.start_time: str | None = None
         self.deleting = False
         self.held = mode == HOLD
+        self.started_real = False
+        """Its containers were started for real: a hold no longer applies to it."""
         self.task: asyncio.Task[None] | None = None
         self._status_dirty = asyncio.Event()
-        self._status_task: asyncio.Task[None] | None = None
+        self.status_task: asyncio.Task[None] | None = None
         self._volumes: dict[str, Path] = {}
         self._transitions: dict[str, tuple[str, str]] = {}
         self._wake = asyncio.Event()
@@ -184,7 +186,7 @@ class Pod:
     # Life cycle
 
     def start(self) -> None:
-        self._status_task = asyncio.create_task(self._status_loop(), name=f"status {self.name}")
+        self.status_task = asyncio.create_task(self._status_loop(), name=f"status {self.name}")
         self.task = asyncio.create_task(self._run(), name=f"pod {self.namespace}/{self.name}")
 
     def update(self, pod: Obj, mode: str) -> None:
@@ -196,7 +198,9 @@ class Pod:
             self._wake.set()
         if mode != self.mode:
             previous, self.mode = self.mode, mode
-            if previous == HOLD or mode == HOLD:
+            # A node that cannot start pods holds the ones not started yet; what runs for real
+            # keeps running (fake pods are reported not ready, see `_run_fake`).
+            if (previous == HOLD or mode == HOLD) and not self.started_real:
                 self.held = mode == HOLD
                 self._wake.set()
             if self.mode != REAL and previous == FAKE:
@@ -293,6 +297,7 @@ class Pod:
                 await self._sleep(2.0 * max(self.runtime.probe_scale, 0.25))
         if self.deleting:
             return
+        self.started_real = True
         self.reason = self.message = None
         for container in self.init_containers:
             while not self.deleting:
@@ -836,8 +841,8 @@ class Pod:
             self.runtime.bridge.release_pod_ip(self.ip)
         # Claims and host paths live outside the pod's directory and outlive it.
         shutil.rmtree(self.directory, ignore_errors=True)
-        if self._status_task is not None:
-            self._status_task.cancel()
+        if self.status_task is not None:
+            self.status_task.cancel()
 
     # Status
 

@@ -524,8 +524,13 @@ class TestLosses:
             )
         assert await eventually(lambda: available(0))
         await provisioner.resync()
-        cluster = await wait_cluster(api, created["id"], phase("Degraded"))
-        assert cluster["status"]["reason"] == "RollingOut"
+        # The tenant API may be reported unreachable first (its pod is gone before the
+        # Deployment's status says so); then the lost replica is the reason.
+        cluster = await wait_cluster(
+            api,
+            created["id"],
+            lambda c: phase("Degraded")(c) and c["status"].get("reason") == "RollingOut",
+        )
         assert condition(cluster, "ControlPlaneReady")["status"] == "False"
 
         await management.hold(namespace, held=False)

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 
 from libs.common.bus import Bus
+from libs.common.kv import open_leases
 from libs.common.settings import Settings
 from services.provisioner import names
 from services.provisioner.service import ProvisionerService
-from services.provisioner.store import open_leases
 from tests.support.kube_emulator import TenantApis, tenant_hostname
 from tests.support.kube_harness import (
     ManagementCluster,
@@ -193,7 +193,7 @@ class TestResync:
             assert management.emulator.get("apps/v1/statefulsets", namespace, "etcd")
 
     async def test_only_one_replica_holds_the_lease(self, bus: Bus) -> None:
-        leases = await open_leases(bus, ttl_seconds=30)
+        leases = await open_leases(bus, "provisioner", ttl_seconds=30)
         name = f"test-{uuid.uuid4().hex[:8]}"
         assert await leases.hold(name, "a")
         assert not await leases.hold(name, "b")

@@ -34,11 +34,14 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
-from services.backup import artifacts, crypto, errors
-from services.backup.database import PostgresTarget, restore_postgres, restore_sqlite
-from services.backup.manifest import Manifest
-from services.backup.runs import sqlite_path
-from services.backup.store import LocalStore, ObjectStore, S3Config, S3Store
+from services.backup import errors
+from services.backup.restores.database import restore_postgres, restore_sqlite
+from services.backup.snapshots.database import PostgresTarget, sqlite_path
+from services.backup.stores import artifacts, crypto
+from services.backup.stores.local import LocalStore
+from services.backup.stores.manifest import Manifest
+from services.backup.stores.objects import ObjectStore
+from services.backup.stores.s3 import S3Config, S3Store
 
 TARGET = "foundry"
 CHECKED_TABLES = ("clusters", "api_tokens")

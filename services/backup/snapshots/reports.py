@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from libs.common.contract.backup import BackupCompleted, BackupFailed, BackupStarted, RunBackup
-from services.backup.layout import BackupRef
-from services.backup.runs import RunResult
+from services.backup.snapshots.runs import RunResult
+from services.backup.stores.layout import BackupRef
 
 
 def started(

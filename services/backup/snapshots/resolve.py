@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from libs.common.contract.backup import RunBackup
 from services.backup import errors
 from services.backup.catalog import Catalog, PolicyEntry
-from services.backup.locations import LocationStores
-from services.backup.policies import retention_of
-from services.backup.runs import BackupContext
+from services.backup.schedules.policies import retention_of
+from services.backup.snapshots.runs import BackupContext
+from services.backup.stores.locations import LocationStores
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from services.backup.layout import BackupRef
+from services.backup.stores.layout import BackupRef
 
 
 @dataclass(frozen=True)

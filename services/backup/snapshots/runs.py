@@ -17,13 +17,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from services.backup import artifacts, crypto, errors
-from services.backup.database import PostgresDump, PostgresTarget, SqliteSnapshot
-from services.backup.etcd import EtcdEndpoint, EtcdSnapshot
-from services.backup.layout import BackupRef
-from services.backup.manifest import Kind, Manifest
-from services.backup.retention import Candidate, RetentionPolicy, plan
-from services.backup.store import ObjectStore
+from services.backup import errors
+from services.backup.snapshots.database import (
+    PostgresDump,
+    PostgresTarget,
+    SqliteSnapshot,
+    sqlite_path,
+)
+from services.backup.snapshots.etcd import EtcdEndpoint, EtcdSnapshot
+from services.backup.snapshots.retention import Candidate, RetentionPolicy, plan
+from services.backup.stores import artifacts, crypto
+from services.backup.stores.layout import BackupRef
+from services.backup.stores.manifest import Kind, Manifest
+from services.backup.stores.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +84,6 @@ class _Source:
         self.kind = kind
         self.chunks = chunks
         self.details = details
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file of a `sqlite://` / `sqlite+aiosqlite://` URL, or None for other URLs."""
-    scheme, _, rest = url.partition("://")
-    if scheme.split("+", 1)[0] != "sqlite":
-        return None
-    path = rest[1:] if rest.startswith("/") else rest
-    return Path(path.split("?", 1)[0])
 
 
 async def source_for(request: RunRequest, context: BackupContext) -> _Source:

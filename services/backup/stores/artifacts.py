@@ -24,11 +24,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from services.backup import crypto, errors
-from services.backup.layout import MANIFEST_NAME, BackupRef, parse_key
-from services.backup.manifest import Encryption, Kind, Manifest
-from services.backup.store import ObjectStore
-from services.backup.streams import Measured, collect, iterate
+from services.backup import errors
+from services.backup.stores import crypto
+from services.backup.stores.layout import MANIFEST_NAME, BackupRef, parse_key
+from services.backup.stores.manifest import Encryption, Kind, Manifest
+from services.backup.stores.objects import ObjectStore
+from services.backup.stores.streams import Measured, collect, iterate
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,19 @@ from libs.common.contract.backup_policy import ApplyBackupLocation, DeleteBackup
 from libs.common.secrets import SealedSecretError, Sealer
 from services.backup import errors
 from services.backup.catalog import Catalog, CatalogMessage, LocationEntry
-from services.backup.store import LocalStore, ObjectStore, S3Config, S3Store
+from services.backup.stores.local import LocalStore
+from services.backup.stores.objects import ObjectStore
+from services.backup.stores.s3 import S3Config, S3Store
 
 log = logging.getLogger(__name__)
 
 
-def store_for(spec: BackupLocationSpec) -> ObjectStore:
-    """The store of a location spec (secret included), with the default retries."""
+def store_for(spec: BackupLocationSpec, *, probing: bool = False) -> ObjectStore:
+    """The store of a location spec (secret included): with the default retries, or, for a
+    live probe that must answer quickly, one attempt per request and a short read timeout."""
     if spec.kind == "local":
         return LocalStore(Path(spec.path or ""))
+    quick = {"max_attempts": 1, "read_timeout": 15.0} if probing else {}
     config = S3Config.model_validate(
         {
             "endpoint_url": spec.endpoint_url,
@@ -39,6 +43,7 @@ def store_for(spec: BackupLocationSpec) -> ObjectStore:
             "access_key_id": spec.access_key_id,
             "secret_access_key": spec.secret_access_key,
             "path_style": spec.path_style,
+            **quick,
         }
     )
     return S3Store(config)

@@ -14,7 +14,7 @@ from pydantic import ConfigDict, Field, ValidationError
 
 from libs.common.contract.base import WireModel
 from services.backup import errors
-from services.backup.layout import BackupRef, parse_name
+from services.backup.stores.layout import BackupRef, parse_name
 
 FORMAT_VERSION = 1
 ENCRYPTION_ALGORITHM = "AES-256-GCM-STREAM-1MiB-v1"

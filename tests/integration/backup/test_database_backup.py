@@ -11,16 +11,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.backup import artifacts, crypto, errors
-from services.backup.database import (
-    PostgresDump,
-    PostgresTarget,
-    SqliteSnapshot,
-    restore_postgres,
-    restore_sqlite,
-)
-from services.backup.layout import new_ref
-from services.backup.store import S3Store
+from services.backup import errors
+from services.backup.restores.database import restore_postgres, restore_sqlite
+from services.backup.restores.foundry import restore
+from services.backup.snapshots.database import PostgresDump, PostgresTarget, SqliteSnapshot
+from services.backup.stores import artifacts, crypto
+from services.backup.stores.layout import new_ref
+from services.backup.stores.s3 import S3Store
 from tests.support.parts import missing
 
 NewDatabase = Callable[[], Awaitable[str]]
@@ -219,11 +216,9 @@ async def test_sqlite_restore_refuses_a_non_database(tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
-async def test_restore_module_puts_the_foundry_back(
+async def test_the_foundry_restore_puts_the_database_back(
     new_database: NewDatabase, s3_store: S3Store, keyring: crypto.Keyring, tmp_path: Path
 ) -> None:
-    from services.backup import restore
-
     require_pg_tools()
     source = await new_database()
     await seed(source)
@@ -232,11 +227,11 @@ async def test_restore_module_puts_the_foundry_back(
         s3_store, new_ref("foundry", datetime.now(UTC)), "postgres", dump.chunks(), keyring=keyring
     )
     target = await new_database()
-    await restore.restore_foundry(s3_store, manifest.ref, target, keyring=keyring)
+    await restore(s3_store, manifest, target, keyring, scratch_dir=tmp_path)
     assert await rows(target) == await rows(source)
     # Over an existing Foundry DB: --clean replaces it.
     connection = await asyncpg.connect(target)
     await connection.execute("DELETE FROM outbox")
     await connection.close()
-    await restore.restore_foundry(s3_store, manifest.ref, target, keyring=keyring, clean=True)
+    await restore(s3_store, manifest, target, keyring, scratch_dir=tmp_path, replace=True)
     assert await rows(target) == await rows(source)

@@ -15,13 +15,15 @@ import asyncpg
 import pytest
 
 from libs.common.contract.backup import DrillFailed, DrillPassed
-from services.backup import artifacts, crypto
-from services.backup.database import PostgresDump, PostgresTarget, SqliteSnapshot
-from services.backup.drills import drill_newest
-from services.backup.etcd import EtcdSnapshot
-from services.backup.layout import new_ref
-from services.backup.manifest import Manifest
-from services.backup.store import LocalStore, ObjectStore, S3Store
+from services.backup.drills.newest import drill_newest
+from services.backup.snapshots.database import PostgresDump, PostgresTarget, SqliteSnapshot
+from services.backup.snapshots.etcd import EtcdSnapshot
+from services.backup.stores import artifacts, crypto
+from services.backup.stores.layout import new_ref
+from services.backup.stores.local import LocalStore
+from services.backup.stores.manifest import Manifest
+from services.backup.stores.objects import ObjectStore
+from services.backup.stores.s3 import S3Store
 from tests.conftest import PG_DSN
 from tests.integration.backup.conftest import endpoint_of
 from tests.support.etcd import EtcdServer, put_keys

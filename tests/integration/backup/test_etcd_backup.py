@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from services.backup import artifacts, crypto, errors
-from services.backup.etcd import (
-    EtcdSnapshot,
-    Transport,
-    restore_drill,
-    restore_snapshot,
-    snapshot_status,
-)
-from services.backup.layout import new_ref
-from services.backup.manifest import Manifest
-from services.backup.store import ObjectStore, S3Store
+from services.backup import errors
+from services.backup.drills.etcd import restore_drill
+from services.backup.restores.etcd import restore_snapshot, snapshot_status
+from services.backup.restores.foundry import FoundryRestoreError, check_kind
+from services.backup.snapshots.etcd import EtcdSnapshot, Transport
+from services.backup.stores import artifacts, crypto
+from services.backup.stores.layout import new_ref
+from services.backup.stores.manifest import Manifest
+from services.backup.stores.objects import ObjectStore
+from services.backup.stores.s3 import S3Store
 from tests.integration.backup.conftest import endpoint_of
 from tests.support.etcd import EtcdServer, all_keys, put_keys, start_etcd
 from tests.support.parts import free_port
@@ -163,18 +162,21 @@ async def _once(data: bytes):  # type: ignore[no-untyped-def]
     yield data
 
 
-async def test_restore_module_drill_and_member_restore(
+async def test_a_verified_download_drills_and_restores_into_a_member(
     s3_store: S3Store, etcd_with_data: EtcdServer, keyring: crypto.Keyring, tmp_path: Path
 ) -> None:
-    from services.backup import restore
-
     manifest = await take_backup(s3_store, etcd_with_data, keyring)
     assert manifest.etcd is not None
-    result = await restore.drill(s3_store, manifest.ref, keyring=keyring, scratch_dir=tmp_path)
+    snapshot = tmp_path / "snapshot.db"
+    await artifacts.download(s3_store, manifest.ref, snapshot, keyring)
+    scratch = tmp_path / "drill"
+    scratch.mkdir()
+    result = await restore_drill(snapshot, scratch, manifest.etcd)
     assert (result.revision, result.key_count) == (manifest.etcd.revision, manifest.etcd.key_count)
     data_dir = tmp_path / "member"
-    await restore.restore_etcd(s3_store, manifest.ref, data_dir, keyring=keyring)
+    await restore_snapshot(snapshot, data_dir)
     assert (data_dir / "member" / "snap" / "db").is_file()
-    assert not list(tmp_path.glob("nest-*"))  # scratch files are gone
-    with pytest.raises(errors.RestoreError, match="is of kind 'etcd'; this restore needs 'sqlite'"):
-        await restore.restore_foundry(s3_store, manifest.ref, f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(errors.RestoreError, match="already exists"):
+        await restore_snapshot(snapshot, data_dir)
+    with pytest.raises(FoundryRestoreError, match="is a etcd dump and the Foundry DB here is"):
+        check_kind(manifest, f"sqlite:///{tmp_path / 'x.db'}")

@@ -16,12 +16,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.backup import artifacts, crypto
-from services.backup import foundry_restore as domain
-from services.backup.database import PostgresDump, PostgresTarget, SqliteSnapshot
-from services.backup.layout import new_ref
-from services.backup.manifest import Manifest
-from services.backup.store import LocalStore, ObjectStore
+from services.backup.restores import foundry as domain
+from services.backup.snapshots.database import PostgresDump, PostgresTarget, SqliteSnapshot
+from services.backup.stores import artifacts, crypto
+from services.backup.stores.layout import new_ref
+from services.backup.stores.local import LocalStore
+from services.backup.stores.manifest import Manifest
+from services.backup.stores.objects import ObjectStore
 from tests.integration.backup.test_drills import make_foundry_sqlite, require_pg_tools
 from tests.support.s3 import SeaweedS3
 

@@ -34,22 +34,18 @@ from libs.common.contract.backup_policy import (
 from libs.common.contract.cluster import ClusterDeclared, ClusterDeleted
 from libs.common.secrets import Sealer
 from libs.common.settings import Settings
-from services.backup import artifacts
 from services.backup.catalog import (
     CLUSTERS_BUCKET,
     LOCATIONS_BUCKET,
     POLICIES_BUCKET,
     Catalog,
 )
-from services.backup.service import BackupService
-from services.backup.state import (
-    LEASES_BUCKET,
-    RPO_BUCKET,
-    SCHEDULES_BUCKET,
-    RpoBook,
-    Schedules,
-)
-from services.backup.store import LocalStore, S3Store
+from services.backup.schedules.records import SCHEDULES_BUCKET, Schedules
+from services.backup.schedules.rpo import RPO_BUCKET, RpoBook
+from services.backup.service import LEASES_BUCKET, BackupService
+from services.backup.stores import artifacts
+from services.backup.stores.local import LocalStore
+from services.backup.stores.s3 import S3Store
 from tests.integration.backup.conftest import s3_config
 from tests.support.s3 import SeaweedS3
 

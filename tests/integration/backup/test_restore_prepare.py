@@ -21,12 +21,16 @@ import pytest
 
 from libs.common.bus import Bus
 from libs.common.contract.restore import PrepareRestore
-from services.backup import artifacts, crypto, errors
-from services.backup.etcd import EtcdEndpoint, EtcdSnapshot
-from services.backup.layout import new_ref
-from services.backup.manifest import Manifest
-from services.backup.restores import RestorePreparer, StagedSnapshots
-from services.backup.store import LocalStore, ObjectStore, S3Store
+from services.backup import errors
+from services.backup.restores.cluster import RestorePreparer
+from services.backup.restores.staging import StagedSnapshots
+from services.backup.snapshots.etcd import EtcdEndpoint, EtcdSnapshot
+from services.backup.stores import artifacts, crypto
+from services.backup.stores.layout import new_ref
+from services.backup.stores.local import LocalStore
+from services.backup.stores.manifest import Manifest
+from services.backup.stores.objects import ObjectStore
+from services.backup.stores.s3 import S3Store
 from tests.integration.backup.conftest import endpoint_of
 from tests.support.etcd import EtcdServer, put_keys
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from services.backup import artifacts, crypto, errors
-from services.backup.layout import new_ref
-from services.backup.store import S3Store
-from services.backup.streams import iterate
+from services.backup import errors
+from services.backup.stores import artifacts, crypto
+from services.backup.stores.layout import new_ref
+from services.backup.stores.s3 import S3Store
+from services.backup.stores.streams import iterate
 from tests.integration.backup.conftest import s3_config
 from tests.support.s3 import SeaweedS3, seaweed
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from services.backup import errors
-from services.backup.store import S3Store, probe
-from services.backup.streams import collect, iterate
+from services.backup.stores.probe import probe
+from services.backup.stores.s3 import S3Store
+from services.backup.stores.streams import collect, iterate
 from tests.integration.backup.conftest import s3_config
 from tests.support.etcd import generate_tls
 from tests.support.parts import free_port

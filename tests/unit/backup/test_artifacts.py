@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from services.backup import artifacts, crypto, errors
-from services.backup.layout import BackupRef, new_ref, parse_key, parse_ref
-from services.backup.manifest import Manifest
-from services.backup.store import LocalStore
-from services.backup.streams import collect, iterate
+from services.backup import errors
+from services.backup.stores import artifacts, crypto
+from services.backup.stores.layout import BackupRef, new_ref, parse_key, parse_ref
+from services.backup.stores.local import LocalStore
+from services.backup.stores.manifest import Manifest
+from services.backup.stores.streams import collect, iterate
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.backup import crypto, errors
-from services.backup.streams import collect, iterate
+from services.backup import errors
+from services.backup.stores import crypto
+from services.backup.stores.streams import collect, iterate
 
 CHUNK = 64
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from services.backup import errors
-from services.backup.etcd import EtcdEndpoint, EtcdSnapshot, snapshot_blob
-from services.backup.streams import collect
+from services.backup.snapshots.etcd import EtcdEndpoint, EtcdSnapshot, snapshot_blob
+from services.backup.stores.streams import collect
 
 
 def gateway(lines: list[bytes], status: int = 200) -> httpx.AsyncClient:

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from services.backup import errors
-from services.backup.store import LocalStore, S3Config, S3Store, check_endpoint, probe
-from services.backup.streams import collect, iterate
+from services.backup.stores.local import LocalStore
+from services.backup.stores.probe import probe
+from services.backup.stores.s3 import S3Config, S3Store, check_endpoint
+from services.backup.stores.streams import collect, iterate
 
 
 async def test_put_get_list_delete(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from libs.common.contract.backup_policy import BackupPolicySpec
 from libs.common.cron import CronSchedule, longest_interval
 from services.backup.catalog import ClusterEntry, PolicyEntry
-from services.backup.policies import plan_targets, retention_of, rpo_of, rpo_period_due
+from services.backup.schedules.policies import plan_targets, retention_of, rpo_of, rpo_period_due
 
 T0 = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 

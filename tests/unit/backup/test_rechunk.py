@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.backup.streams import file_size, rechunk, rechunk_files
+from services.backup.stores.streams import file_size, rechunk, rechunk_files
 
 
 async def stream(pieces: list[bytes]) -> AsyncIterator[bytes]:

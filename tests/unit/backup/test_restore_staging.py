@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from services.backup import errors
-from services.backup.restores import StagedSnapshots, check_trailer, sign, token_valid
+from services.backup.restores.etcd import check_trailer
+from services.backup.restores.staging import StagedSnapshots, sign, token_valid
 
 KEY = b"k" * 32
 

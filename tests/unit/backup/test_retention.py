@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.backup.layout import BackupRef
-from services.backup.retention import Candidate, RetentionPolicy, plan
+from services.backup.snapshots.retention import Candidate, RetentionPolicy, plan
+from services.backup.stores.layout import BackupRef
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 

@@ -8,7 +8,7 @@ back as `RpcError` kinds: `not-found` (no such cluster or no etcd CA yet), `inva
 `unavailable` (etcd not running yet, management cluster not answering).
 
 The provisioner answers it (it owns the PKI: `pki.issue_etcd_client`); the backup service is
-its client (`services.backup.access`).
+its client (`services.backup.snapshots.access`).
 """
 
 from __future__ import annotations

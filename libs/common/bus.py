@@ -18,6 +18,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+# isort: off
+from libs.common import nats_lean  # noqa: F401 - before nats: imports it without aiohttp
+# isort: on
+
 import nats
 import nats.errors
 import nats.js.errors

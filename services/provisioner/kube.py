@@ -11,8 +11,9 @@ talks to one API server (the management cluster, or a tenant's) with kubernetes-
 
 A missing object is not an error: `get` answers None and `delete` answers False.
 
-kubernetes_asyncio is imported when the first client is made, not with this module: a
-provisioner without a management cluster never loads it (it is the largest part of its memory).
+kubernetes_asyncio (and aiohttp under it) is imported when the first client is made, not with
+this module: a provisioner without a management cluster never loads them (they were the largest
+part of its memory).
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
 from services.provisioner import names
 
 if TYPE_CHECKING:
+    import aiohttp
     from kubernetes_asyncio import client as kclient
     from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -83,6 +83,8 @@ class Retry:
     own. A server that accepts and never speaks TLS costs this, not `timeout`."""
 
     def client_timeout(self) -> aiohttp.ClientTimeout:
+        import aiohttp
+
         return aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout)
 
     def delay(self, attempt: int) -> float:
@@ -188,6 +190,7 @@ class KubeClient:
         content_type: str = "application/json",
     ) -> Any:
         """One REST call, retried while the failure is transient; the decoded JSON answer."""
+        import aiohttp
         from kubernetes_asyncio.client.exceptions import ApiException
 
         for attempt in range(self.retry.attempts):
@@ -297,6 +300,7 @@ class KubeClient:
             query.append(("labelSelector", selector))
         if resource_version:
             query.append(("resourceVersion", resource_version))
+        import aiohttp
         from kubernetes_asyncio.client.exceptions import ApiException
 
         try:

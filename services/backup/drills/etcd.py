@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from services.backup import errors
 from services.backup.restores.etcd import find_tool, restore_snapshot
 from services.backup.snapshots.etcd import EtcdStatus, status
@@ -91,6 +89,8 @@ async def restore_drill(
 async def _wait_status(
     process: asyncio.subprocess.Process, url: str, timeout: float, log_path: Path
 ) -> EtcdStatus:
+    import httpx  # with the first drill: an idle backup service never loads it
+
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(base_url=url, timeout=2.0) as client:
         while time.monotonic() < deadline:

@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
-
 from libs.common.bus import Bus
 from libs.common.clock import Clock, utcnow
 from libs.common.contract.restore import PrepareRestore, RestoreEtcd, RestoreProgressed
@@ -57,6 +55,8 @@ async def current_revision(access: EtcdAccess | None, cluster_id: str) -> tuple[
     """The cluster's etcd revision now, or None with the reason it could not be read."""
     if access is None:
         return None, "no etcd access is configured"
+    import httpx  # with the first restore: an idle backup service never loads it
+
     try:
         endpoint = await access(cluster_id)
         async with httpx.AsyncClient(

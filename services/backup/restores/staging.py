@@ -24,12 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-
-import aiohttp.web
+from typing import TYPE_CHECKING
 
 from libs.common.secrets import derived_key
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
+
+if TYPE_CHECKING:
+    import aiohttp.web
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,8 @@ class StagedSnapshots:
         async with self._lock:
             if self._runner is not None:
                 return
+            import aiohttp.web  # with the first restore: an idle service never loads it
+
             app = aiohttp.web.Application()
             app.router.add_get("/v1/restores/{restore_id}/snapshot", self._serve)
             runner = aiohttp.web.AppRunner(app, access_log=None)
@@ -155,6 +159,8 @@ class StagedSnapshots:
                 log.warning("could not sweep staged snapshots: %s", exc)
 
     async def _serve(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        import aiohttp.web
+
         restore_id = request.match_info["restore_id"]
         expires = request.query.get("expires", "")
         token = request.query.get("token", "")

@@ -25,13 +25,14 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
-
-import httpx
 
 from services.backup import errors
 from services.backup.stores.manifest import EtcdDetails
+
+if TYPE_CHECKING:
+    import httpx
 
 TRAILER_SIZE = 32
 ALL_KEYS = base64.b64encode(b"\0").decode()
@@ -64,10 +65,14 @@ class EtcdEndpoint:
 def _timeout(read: float) -> httpx.Timeout:
     # Only the gap between two chunks is bounded, never the whole snapshot: large databases
     # must not time out just for being large.
+    import httpx  # with the first snapshot: an idle backup service never loads it
+
     return httpx.Timeout(connect=10.0, read=read, write=10.0, pool=10.0)
 
 
 async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    import httpx
+
     try:
         response = await client.post(path, json=body)
     except httpx.HTTPError as exc:
@@ -135,6 +140,8 @@ class EtcdSnapshot:
 
     def client(self) -> httpx.AsyncClient:
         """A gateway client for the endpoint over mutual TLS."""
+        import httpx
+
         return httpx.AsyncClient(
             base_url=self.endpoint.url,
             verify=self.endpoint.ssl_context(),
@@ -176,6 +183,8 @@ class EtcdSnapshot:
         self._trailer = held
 
     async def _gateway_blobs(self, client: httpx.AsyncClient) -> AsyncIterator[bytes]:
+        import httpx
+
         try:
             async with client.stream("POST", "/v3/maintenance/snapshot", json={}) as response:
                 if response.status_code != 200:

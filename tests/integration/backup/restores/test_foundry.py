@@ -23,7 +23,7 @@ from services.backup.stores.layout import new_ref
 from services.backup.stores.local import LocalStore
 from services.backup.stores.manifest import Manifest
 from services.backup.stores.objects import ObjectStore
-from tests.integration.backup.test_drills import make_foundry_sqlite, require_pg_tools
+from tests.integration.backup.drills.test_newest import make_foundry_sqlite, require_pg_tools
 from tests.support.s3 import SeaweedS3
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

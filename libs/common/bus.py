@@ -49,6 +49,7 @@ from libs.common.contract import (
 )
 from libs.common.contract.base import WireModel
 from libs.common.handlers import (
+    BatchHandler,
     Decision,
     Delivery,
     Dispatch,
@@ -279,9 +280,12 @@ class Bus:
         await self.publish_envelope(nats_subject, envelope)
         return envelope
 
-    def consumer(self, spec: ConsumerSpec, handler: Router | Handler) -> Consumer:
-        """A durable consumer running `handler`: a `Router` of typed handlers, or (the older
-        path) one function taking every envelope."""
+    def consumer(self, spec: ConsumerSpec, handler: Router | BatchHandler | Handler) -> Consumer:
+        """A durable consumer running `handler`: a `Router` of typed handlers, a `BatchHandler`
+        taking each fetch (up to `spec.concurrency` messages) at once, or (the older path) one
+        function taking every envelope."""
+        if isinstance(handler, BatchHandler):
+            return Consumer(self, spec, handler)
         dispatch = handler.dispatch if isinstance(handler, Router) else legacy_dispatch(handler)
         return Consumer(self, spec, dispatch)
 
@@ -385,10 +389,11 @@ class Consumer:
     the ones still being handled are in progress, so a slow handler is not redelivered.
     """
 
-    def __init__(self, bus: Bus, spec: ConsumerSpec, dispatch: Dispatch) -> None:
+    def __init__(self, bus: Bus, spec: ConsumerSpec, dispatch: Dispatch | BatchHandler) -> None:
         self.bus = bus
         self.spec = spec
         self.dispatch = dispatch
+        """Per message (a `Router`'s or the older handler's), or per fetch (a batch)."""
         self._stopping = asyncio.Event()
         self._tasks = TaskSet()
         self._working: dict[str, Msg] = {}
@@ -448,11 +453,15 @@ class Consumer:
                         with contextlib.suppress(Exception):
                             await msg.nak()
                     break
-                batch = []
+                if isinstance(self.dispatch, BatchHandler):
+                    name = f"batch-{msgs[0].metadata.sequence.stream}"
+                    await self._tasks.spawn(name, self._handle_batch(msgs, self.dispatch))
+                    continue
+                handling = []
                 for msg in msgs:
                     name = f"message-{msg.metadata.sequence.stream}"
-                    batch.append(self._tasks.spawn(name, self._handle(msg, name)))
-                await asyncio.gather(*batch)
+                    handling.append(self._tasks.spawn(name, self._handle(msg, name)))
+                await asyncio.gather(*handling)
         finally:
             await self._tasks.cancel("keepalive")
             if sub is not None:
@@ -492,6 +501,7 @@ class Consumer:
             return
         token = correlation_id.set(envelope.correlationid)
         self._working[name] = msg
+        assert not isinstance(self.dispatch, BatchHandler)
         try:
             decision = await self.dispatch(envelope, delivery)
         except asyncio.CancelledError:
@@ -502,6 +512,41 @@ class Consumer:
             self._working.pop(name, None)
             correlation_id.reset(token)
         await self._carry_out(msg, delivery, decision)
+
+    async def _handle_batch(self, msgs: list[Msg], batch: BatchHandler) -> None:
+        """Every message of a fetch to the batch handler at once, in stream order."""
+        taken: list[tuple[Msg, Envelope, Delivery]] = []
+        for msg in msgs:
+            meta = msg.metadata
+            delivery = Delivery(msg.subject, meta.sequence.stream, meta.num_delivered)
+            try:
+                envelope = Envelope.from_bytes(msg.data)
+            except (ValidationError, ValueError) as exc:
+                await self._dead_letter(msg, delivery, f"malformed envelope: {exc}")
+                continue
+            if delivery.num_delivered > self.spec.max_deliver:
+                await self._dead_letter(
+                    msg, delivery, "delivered more than max_deliver times without an outcome"
+                )
+                continue
+            delivery = Delivery(
+                delivery.subject, delivery.stream_sequence, delivery.num_delivered, envelope
+            )
+            taken.append((msg, envelope, delivery))
+        for msg, _, delivery in taken:
+            self._working[f"batch-{delivery.stream_sequence}"] = msg
+        try:
+            decisions = await batch.dispatch_batch([(e, d) for _, e, d in taken])
+        except asyncio.CancelledError:
+            for msg, _, _ in taken:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            raise
+        finally:
+            for _, _, delivery in taken:
+                self._working.pop(f"batch-{delivery.stream_sequence}", None)
+        for (msg, _, delivery), decision in zip(taken, decisions, strict=True):
+            await self._carry_out(msg, delivery, decision)
 
     async def _carry_out(self, msg: Msg, delivery: Delivery, decision: Decision) -> None:
         if decision.outcome is Outcome.ACK:
@@ -591,6 +636,7 @@ def servers_from_url(url: str) -> list[str]:
 
 
 __all__ = [
+    "BatchHandler",
     "Bus",
     "BusUnavailable",
     "Consumer",

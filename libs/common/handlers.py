@@ -17,7 +17,11 @@ never an envelope or a dict. After it returns the message is acked; when it rais
   reported the failure where users see it; a redelivery would only repeat it).
 
 Under every policy a handler raises `Reject` for a message that can never succeed (DLQ at
-once), and a payload that does not validate is dead-lettered without calling the handler. A
+once), and a payload that does not validate is dead-lettered without calling the handler.
+
+A consumer that applies many messages in one transaction (the API's projector) registers a
+`BatchHandler` instead: it gets every message of a fetch, in stream order, as `Received`
+(typed payload and delivery), and its outcome, declared the same way, holds for the whole batch. A
 message whose type has no handler is dead-lettered (`unknown=Unknown.REJECT`, for a service's
 own intents) or acked unseen (`Unknown.IGNORE`, for a consumer of other services' events, which
 also skips a payload of a newer, additive version that does not validate here).
@@ -28,7 +32,7 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
@@ -238,3 +242,81 @@ def legacy_dispatch(handler: LegacyHandler) -> Dispatch:
         return ACK
 
     return dispatch
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message of a batch: its validated payload and its delivery."""
+
+    payload: WireModel
+    delivery: Delivery
+
+
+class BatchHandler:
+    """One handler for every message of a fetch, in stream order (one transaction for many
+    messages); its `ack` policy decides the outcome of the whole batch."""
+
+    def __init__(
+        self,
+        name: str,
+        handler: Callable[[list[Received]], Awaitable[object]],
+        *,
+        ack: AckPolicy,
+        types: Iterable[type[WireModel]] | None = None,
+        unknown: Unknown = Unknown.IGNORE,
+    ) -> None:
+        self.name = name
+        self.handler = handler
+        self.ack = ack
+        self.unknown = unknown
+        self.types: frozenset[str] | None = None
+        """The message types handed to `handler` (None: every type of the contract)."""
+        if types is not None:
+            entries = [BY_PAYLOAD.get(payload) for payload in types]
+            if any(entry is None for entry in entries):
+                raise UnknownMessageType(f"{name}: a batch type is not part of the event contract")
+            self.types = frozenset(entry.type for entry in entries if entry is not None)
+
+    def _unknown(self, envelope: Envelope, error: str) -> Decision:
+        if self.unknown is Unknown.IGNORE:
+            return ACK
+        return Decision(Outcome.DEAD_LETTER, f"{self.name}: {error} {envelope.type!r}")
+
+    async def dispatch_batch(self, messages: list[tuple[Envelope, Delivery]]) -> list[Decision]:
+        """The outcome of each message: those the handler took share the batch's outcome."""
+        decisions: list[Decision | None] = [None] * len(messages)
+        taken: list[tuple[int, Received]] = []
+        for index, (envelope, delivery) in enumerate(messages):
+            entry = BY_TYPE.get(envelope.type)
+            if entry is None or (self.types is not None and entry.type not in self.types):
+                decisions[index] = self._unknown(envelope, "no handler for type")
+                continue
+            try:
+                payload = entry.payload.model_validate(envelope.data)
+            except ValidationError as exc:
+                if self.unknown is Unknown.IGNORE:
+                    log.warning("%s: ignoring an invalid %s: %s", self.name, envelope.type, exc)
+                    decisions[index] = ACK
+                else:
+                    decisions[index] = _failed(Outcome.DEAD_LETTER, exc)
+                continue
+            taken.append((index, Received(payload, delivery)))
+        if taken:
+            outcome = await self._run([received for _, received in taken])
+            for index, _ in taken:
+                decisions[index] = outcome
+        return [decision or ACK for decision in decisions]
+
+    async def _run(self, batch: list[Received]) -> Decision:
+        try:
+            await self.handler(batch)
+        except Reject as exc:
+            return _failed(Outcome.DEAD_LETTER, exc)
+        except Exception as exc:
+            if self.ack is AckPolicy.NACK_ON_ERROR:
+                return _failed(Outcome.RETRY, exc)
+            if self.ack is AckPolicy.REJECT_ON_ERROR:
+                return _failed(Outcome.DEAD_LETTER, exc)
+            log.exception("%s: batch of %d failed; acked as declared", self.name, len(batch))
+            return ACK
+        return ACK

@@ -14,7 +14,15 @@ from libs.common.bus import HEADER_DELIVERIES, HEADER_ERROR, Bus, ConsumerSpec, 
 from libs.common.contract import INTENTS_STREAM, RpcMethod, envelope_for
 from libs.common.contract.base import WireModel
 from libs.common.contract.cluster import ClusterSpec, DeleteCluster, ReconcileCluster
-from libs.common.handlers import AckPolicy, Delivery, Reject, Router, Unknown
+from libs.common.handlers import (
+    AckPolicy,
+    BatchHandler,
+    Delivery,
+    Received,
+    Reject,
+    Router,
+    Unknown,
+)
 from tests.integration.bus.test_bus import dlq_messages, eventually, spec
 
 
@@ -35,7 +43,9 @@ async def publish(bus: Bus, payload: WireModel) -> str:
 
 
 @contextlib.asynccontextmanager
-async def consuming(bus: Bus, router: Router, consumer_spec: ConsumerSpec) -> AsyncIterator[None]:
+async def consuming(
+    bus: Bus, router: Router | BatchHandler, consumer_spec: ConsumerSpec
+) -> AsyncIterator[None]:
     consumer = bus.consumer(consumer_spec, router)
     task = asyncio.create_task(consumer.run())
     try:
@@ -263,3 +273,50 @@ async def test_typed_request_reply(bus: Bus) -> None:
     finally:
         for subscription in subscriptions:
             await subscription.unsubscribe()
+
+
+async def test_a_batch_handler_gets_each_fetch_in_stream_order(bus: Bus) -> None:
+    batches: list[list[tuple[str, int]]] = []
+
+    async def apply(batch: list[Received]) -> None:
+        batches.append([(type(r.payload).__name__, r.delivery.stream_sequence) for r in batch])
+
+    handler = BatchHandler(
+        "projector", apply, ack=AckPolicy.NACK_ON_ERROR, types=[ReconcileCluster]
+    )
+    for index in range(5):
+        await publish(bus, reconcile(f"c{index}"))
+    await publish(bus, delete("not-in-the-batch"))
+    async with consuming(bus, handler, spec(concurrency=16)):
+        await eventually(lambda: sum(len(b) for b in batches) == 5)
+        await asyncio.sleep(0.3)
+    taken = [item for batch in batches for item in batch]
+    assert [name for name, _ in taken] == ["ReconcileCluster"] * 5
+    sequences = [sequence for _, sequence in taken]
+    assert sequences == sorted(sequences)
+    assert len(batches) < 5  # fetched together, not one by one
+    assert await dlq_messages(bus) == []  # the delete was not the batch's: acked unseen
+    assert await queue_is_empty(bus)
+
+
+async def test_a_failing_batch_is_retried_whole_then_dead_lettered(bus: Bus) -> None:
+    sizes: list[int] = []
+
+    async def fails(batch: list[Received]) -> None:
+        sizes.append(len(batch))
+        raise ConnectionError("database is down")
+
+    handler = BatchHandler("projector", fails, ack=AckPolicy.NACK_ON_ERROR)
+    for index in range(3):
+        await publish(bus, reconcile(f"c{index}"))
+    await asyncio.sleep(0.2)
+    async with consuming(bus, handler, spec(concurrency=16, max_deliver=2)):
+        await eventually(lambda: sum(sizes) >= 6)
+        dead: list = []
+        for _ in range(50):
+            dead = await dlq_messages(bus)
+            if len(dead) == 3:
+                break
+            await asyncio.sleep(0.1)
+    assert len(dead) == 3
+    assert {m.headers[HEADER_ERROR] for m in dead} == {"ConnectionError: database is down"}

@@ -115,6 +115,18 @@ def _failed(outcome: Outcome, exc: BaseException) -> Decision:
     return Decision(outcome, f"{type(exc).__name__}: {exc}", exc)
 
 
+def _on_failure(ack: AckPolicy, exc: Exception, what: str) -> Decision:
+    """The outcome of a handler that raised `exc`, as its `ack` policy declares."""
+    if isinstance(exc, Reject):
+        return _failed(Outcome.DEAD_LETTER, exc)
+    if ack is AckPolicy.NACK_ON_ERROR:
+        return _failed(Outcome.RETRY, exc)
+    if ack is AckPolicy.REJECT_ON_ERROR:
+        return _failed(Outcome.DEAD_LETTER, exc)
+    log.error("%s failed; acked as declared", what, exc_info=exc)
+    return ACK
+
+
 @dataclass(frozen=True)
 class Route(Generic[P]):
     """One registered handler."""
@@ -198,15 +210,8 @@ class Router:
             return _failed(Outcome.DEAD_LETTER, exc)
         try:
             await route.handler(payload, delivery)
-        except Reject as exc:
-            return _failed(Outcome.DEAD_LETTER, exc)
         except Exception as exc:
-            if route.ack is AckPolicy.NACK_ON_ERROR:
-                return _failed(Outcome.RETRY, exc)
-            if route.ack is AckPolicy.REJECT_ON_ERROR:
-                return _failed(Outcome.DEAD_LETTER, exc)
-            log.exception("%s: handler of %s failed; acked as declared", self.name, envelope.type)
-            return ACK
+            return _on_failure(route.ack, exc, f"{self.name}: the handler of {envelope.type}")
         return ACK
 
 
@@ -310,13 +315,6 @@ class BatchHandler:
     async def _run(self, batch: list[Received]) -> Decision:
         try:
             await self.handler(batch)
-        except Reject as exc:
-            return _failed(Outcome.DEAD_LETTER, exc)
         except Exception as exc:
-            if self.ack is AckPolicy.NACK_ON_ERROR:
-                return _failed(Outcome.RETRY, exc)
-            if self.ack is AckPolicy.REJECT_ON_ERROR:
-                return _failed(Outcome.DEAD_LETTER, exc)
-            log.exception("%s: batch of %d failed; acked as declared", self.name, len(batch))
-            return ACK
+            return _on_failure(self.ack, exc, f"{self.name}: a batch of {len(batch)}")
         return ACK

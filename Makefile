@@ -6,11 +6,12 @@ up:  ## install and run the whole appliance on embedded defaults
 test:  ## install test dependencies and run the whole suite
 	scripts/test
 
-lint:  ## ruff, formatting and mypy (strict on libs/common and services/api)
+lint:  ## ruff, formatting, mypy --strict (libs, services, cli) and the import contracts
 	.venv/bin/pip install -q -e '.[dev]'
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/mypy libs/common services cli
+	.venv/bin/mypy
+	.venv/bin/lint-imports --no-cache
 
 fmt:
 	.venv/bin/ruff format .

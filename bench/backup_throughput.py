@@ -26,10 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.backup import artifacts, crypto  # noqa: E402
-from services.backup.etcd import EtcdEndpoint, EtcdSnapshot, restore_drill  # noqa: E402
-from services.backup.layout import new_ref, parse_ref  # noqa: E402
-from services.backup.store import S3Config, S3Store  # noqa: E402
+from services.backup.drills.etcd import restore_drill  # noqa: E402
+from services.backup.snapshots.etcd import EtcdEndpoint, EtcdSnapshot  # noqa: E402
+from services.backup.stores import artifacts, crypto  # noqa: E402
+from services.backup.stores.layout import new_ref, parse_ref  # noqa: E402
+from services.backup.stores.s3 import S3Config, S3Store  # noqa: E402
 from tests.support.etcd import EtcdServer, start_etcd  # noqa: E402
 from tests.support.s3 import SeaweedS3, start_seaweed  # noqa: E402
 

@@ -25,9 +25,9 @@ from rich.table import Table
 from libs.common.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
-    from services.backup import crypto
-    from services.backup.manifest import Manifest
-    from services.backup.store import ObjectStore
+    from services.backup.stores import crypto
+    from services.backup.stores.manifest import Manifest
+    from services.backup.stores.objects import ObjectStore
 
 SECRET_ENV = "NEST_RESTORE_SECRET_ACCESS_KEY"
 
@@ -60,7 +60,7 @@ def _size(count: int) -> str:
 
 
 def backups_table(manifests: list[Manifest], chosen: Manifest | None) -> Table:
-    from services.backup import foundry_restore as domain
+    from services.backup.restores import foundry as domain
 
     table = Table(title="Foundry DB backups")
     for column in ("ID", "TIME (UTC)", "SIZE", "ENGINE", "ENCRYPTED", "VERIFIED", ""):
@@ -79,7 +79,7 @@ def backups_table(manifests: list[Manifest], chosen: Manifest | None) -> Table:
 
 
 def _secret(location: str) -> str:
-    from services.backup import foundry_restore as domain
+    from services.backup.restores import foundry as domain
 
     if not domain.is_s3(location):
         return ""
@@ -133,8 +133,8 @@ def foundry(
     (NEST_DATABASE_URL, or SQLite in NEST_DATA_DIR) is replaced. Nest must be stopped. Keep the
     same NEST_SECRETS_KEY (or secrets.key file), or stored S3 secrets become unreadable.
     """
-    from services.backup import foundry_restore as domain
     from services.backup.config import BackupConfigError, keyring_from_settings
+    from services.backup.restores import foundry as domain
 
     settings = _settings()
     s3 = None
@@ -176,7 +176,7 @@ async def _foundry(
     list_only: bool,
     force: bool,
 ) -> int:
-    from services.backup import foundry_restore as domain
+    from services.backup.restores import foundry as domain
 
     try:
         manifests = await domain.foundry_backups(store)
@@ -276,8 +276,7 @@ async def _record_restored(database_url: str, manifest: Manifest) -> str | None:
 
 
 def _where(database_url: str) -> str:
-    from services.backup.database import PostgresTarget
-    from services.backup.runs import sqlite_path
+    from services.backup.snapshots.database import PostgresTarget, sqlite_path
 
     path = sqlite_path(database_url)
     if path is not None:

@@ -1,27 +1,38 @@
 """`nest up`: the embedded NATS server plus every service, each in its own process.
 
+Each child is kept running by a task of its own in a `TaskSet` (`child-<service>`): it starts
+the service, waits for it to exit and, unless Nest is stopping, restarts it with backoff.
 Children run in their own process groups and get SIGKILL from the kernel if the supervisor
-dies (PR_SET_PDEATHSIG), so even a SIGKILLed `nest up` leaves nothing behind. A child that
-crashes is restarted with backoff. Ctrl-C or SIGTERM stops them all: SIGTERM, a bounded wait,
-then SIGKILL.
+dies (PR_SET_PDEATHSIG), so even a SIGKILLed `nest up` leaves nothing behind. Ctrl-C or SIGTERM
+stops them all at once: SIGTERM, a bounded wait, then SIGKILL.
+
+The supervisor imports no NATS client and no service: a child runs `python -m cli.supervisor
+<service>`, which imports only that service, so the processes of an idle `nest up` stay small
+(docs/benchmarks.md, "Idle memory").
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import importlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
-from libs.common.runner import resolve_nats
+from libs.common.nats_server import resolve_nats
 from libs.common.settings import Settings
+from libs.common.tasks import TaskSet
 
 PR_SET_PDEATHSIG = 1
+RESTART_RESET_SECONDS = 60.0
+"""A child that ran this long before it died starts again after the shortest delay."""
+MAX_RESTART_DELAY = 30
 
 
 def _child_setup() -> None:
@@ -32,11 +43,12 @@ def _child_setup() -> None:
 
 @dataclass
 class Child:
+    """One service process and its restart bookkeeping."""
+
     service: str
-    process: subprocess.Popen[bytes] | None = None
+    process: asyncio.subprocess.Process | None = None
     restarts: int = 0
-    next_start: float = 0.0
-    started_at: float = field(default=0.0)
+    started_at: float = 0.0
 
 
 class Supervisor:
@@ -53,24 +65,14 @@ class Supervisor:
         self.children = [Child(name) for name in self.services]
         self._stopping = False
 
-    def _spawn(self, child: Child, env: dict[str, str]) -> None:
-        log_dir = self.settings.data_dir / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with (log_dir / f"{child.service}.log").open("ab") as log_file:
-            child.process = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "run", child.service],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_child_setup,  # noqa: PLW1509 - setsid + pdeathsig
-            )
-        child.started_at = time.monotonic()
-
-    def _request_stop(self, *_: object) -> None:
-        self._stopping = True
+    def log_of(self, child: Child) -> Path:
+        return self.settings.data_dir / "logs" / f"{child.service}.log"
 
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        """Run until SIGINT or SIGTERM; `on_ready` runs (in a thread) once every child started."""
+        return asyncio.run(self._run(on_ready))
+
+    async def _run(self, on_ready: Callable[[], None] | None) -> int:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         nats = resolve_nats(self.settings, reuse=False)
         env = {
@@ -78,53 +80,90 @@ class Supervisor:
             "NEST_NATS_URL": nats.url,
             "NEST_DATA_DIR": str(self.settings.data_dir),
         }
-        signal.signal(signal.SIGINT, self._request_stop)
-        signal.signal(signal.SIGTERM, self._request_stop)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = TaskSet()
         try:
             for child in self.children:
-                self._spawn(child, env)
+                await self._start(child, env)
+                tasks.spawn(f"child-{child.service}", self._keep_running(child, env))
             if on_ready is not None:
-                on_ready()
-            while not self._stopping:
-                self._watch(env)
-                time.sleep(0.2)
+                tasks.spawn("ready", asyncio.to_thread(on_ready))
+            await stop.wait()
         finally:
-            self._stop_children()
+            self._stopping = True
+            # Each child task stops its process when cancelled: all of them at once.
+            await tasks.stop(self.settings.shutdown_timeout_seconds + 10)
             nats.stop()
         return 0
 
-    def _watch(self, env: dict[str, str]) -> None:
-        now = time.monotonic()
-        for child in self.children:
-            process = child.process
-            if process is not None and process.poll() is None:
-                continue
-            if process is not None:
-                code = process.returncode
-                # A child that ran a while before dying gets its backoff reset.
-                if now - child.started_at > 60:
+    async def _start(self, child: Child, env: dict[str, str]) -> None:
+        log_path = self.log_of(child)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            child.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "cli.supervisor",
+                child.service,
+                env=env,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=_child_setup,  # setsid + pdeathsig
+            )
+        child.started_at = time.monotonic()
+
+    async def _keep_running(self, child: Child, env: dict[str, str]) -> None:
+        """Wait for the child to exit and start it again with backoff, until cancelled; then
+        stop it."""
+        try:
+            while True:
+                assert child.process is not None
+                code = await child.process.wait()
+                if time.monotonic() - child.started_at > RESTART_RESET_SECONDS:
                     child.restarts = 0
-                delay = min(2**child.restarts, 30)
+                delay = min(2**child.restarts, MAX_RESTART_DELAY)
                 child.restarts += 1
-                child.next_start = now + delay
-                child.process = None
                 self.say(
                     f"{child.service} exited with code {code}; restarting in {delay}s "
-                    f"(log: {self.settings.data_dir / 'logs' / (child.service + '.log')})"
+                    f"(log: {self.log_of(child)})"
                 )
-            if now >= child.next_start:
-                self._spawn(child, env)
+                await asyncio.sleep(delay)
+                await self._start(child, env)
+        finally:
+            await self._terminate(child)
 
-    def _stop_children(self) -> None:
-        live = [c.process for c in self.children if c.process and c.process.poll() is None]
-        for process in live:
+    async def _terminate(self, child: Child) -> None:
+        """SIGTERM the child's process group, wait the shutdown bound, then SIGKILL it."""
+        process = child.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), self.settings.shutdown_timeout_seconds + 5)
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.shutdown_timeout_seconds + 5
-        for process in live:
-            try:
-                process.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 5)
+
+
+def run_child(service: str) -> None:
+    """Run one service in this process: what `nest up` starts, without the CLI around it."""
+    from libs.common.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    module = importlib.import_module(f"services.{service}.main")
+    module.run(settings)
+
+
+if __name__ == "__main__":
+    run_child(sys.argv[1])

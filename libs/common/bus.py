@@ -1,9 +1,11 @@
 """The message bus: NATS JetStream streams, publishing, durable consumers, request/reply.
 
 Delivery rules (DESIGN.md): durable pull consumers with explicit ack; a handler's message is
-acked only after the handler returns; a failure naks with backoff; after `max_deliver`
-deliveries, or at once for a message that can never succeed (malformed, `Reject`), the original
-bytes go to `nest.dlq.<service>` with the error in headers, and the consumer keeps going.
+acked only after the handler returns; a failure is treated as its handler declared
+(`handlers.AckPolicy`): a transient one naks with backoff, and after `max_deliver` deliveries,
+or at once for a message that can never succeed (malformed, `Reject`, a permanent failure), the
+original bytes go to `nest.dlq.<service>` with the error in headers, and the consumer keeps
+going. Request/reply (`call`, `answer`) carries typed models (`contract.RpcMethod`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+# isort: off
+from libs.common import nats_lean  # noqa: F401 - before nats: imports it without aiohttp
+# isort: on
 
 import nats
 import nats.errors
@@ -37,12 +43,24 @@ from libs.common.contract import (
     EVENTS_STREAM,
     INTENTS_STREAM,
     Envelope,
-    UnknownMessageType,
+    RpcMethod,
     dlq_subject,
     envelope_for,
 )
 from libs.common.contract.base import WireModel
+from libs.common.handlers import (
+    BatchHandler,
+    Decision,
+    Delivery,
+    Dispatch,
+    LegacyHandler,
+    Outcome,
+    Reject,
+    Router,
+    legacy_dispatch,
+)
 from libs.common.logging import correlation_id
+from libs.common.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +72,6 @@ HEADER_CONSUMER = "Nest-Consumer"
 
 class BusUnavailable(Exception):
     """NATS did not answer in time (not connected, or JetStream not responding)."""
-
-
-class Reject(Exception):
-    """Raised by a handler for a message that can never succeed: it goes to the DLQ at once."""
 
 
 class RpcError(Exception):
@@ -121,16 +135,12 @@ def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
     ]
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """What a handler knows about the message it is handling, besides its envelope."""
+Handler = LegacyHandler
+"""The older handler shape (an envelope in); new consumers register typed handlers on a
+`handlers.Router`."""
 
-    subject: str
-    stream_sequence: int
-    num_delivered: int
-
-
-Handler = Callable[[Envelope, Delivery], Awaitable[None]]
+Req = TypeVar("Req", bound=WireModel)
+Resp = TypeVar("Resp", bound=WireModel)
 
 
 @dataclass(frozen=True)
@@ -270,8 +280,14 @@ class Bus:
         await self.publish_envelope(nats_subject, envelope)
         return envelope
 
-    def consumer(self, spec: ConsumerSpec, handler: Handler) -> Consumer:
-        return Consumer(self, spec, handler)
+    def consumer(self, spec: ConsumerSpec, handler: Router | BatchHandler | Handler) -> Consumer:
+        """A durable consumer running `handler`: a `Router` of typed handlers, a `BatchHandler`
+        taking each fetch (up to `spec.concurrency` messages) at once, or (the older path) one
+        function taking every envelope."""
+        if isinstance(handler, BatchHandler):
+            return Consumer(self, spec, handler)
+        dispatch = handler.dispatch if isinstance(handler, Router) else legacy_dispatch(handler)
+        return Consumer(self, spec, dispatch)
 
     async def request(
         self, subject: str, body: dict[str, Any], *, timeout: float = 10.0
@@ -325,21 +341,62 @@ class Bus:
         await self.nc.flush(timeout=5)
         return subscription
 
+    async def call(
+        self, method: RpcMethod[Req, Resp], request: Req, *, timeout: float = 10.0
+    ) -> Resp:
+        """Ask `method` with a typed request; the typed answer, or RpcError on any failure
+        (kind `invalid-answer` when the answer does not fit the method's response model)."""
+        result = await self.request(method.subject, request.wire(), timeout=timeout)
+        try:
+            return method.response.model_validate(result)
+        except ValidationError as exc:
+            raise RpcError("invalid-answer", f"{method.subject}: {_problems(exc)}") from None
 
-@dataclass
-class _Inflight:
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    async def answer(
+        self,
+        method: RpcMethod[Req, Resp],
+        handler: Callable[[Req], Awaitable[Resp]],
+        *,
+        queue: str,
+    ) -> Any:
+        """Answer `method` with `handler`, which takes the validated request and returns the
+        response model; a request that does not validate is answered `invalid` (naming the
+        fields, never echoing the input: it may hold secrets)."""
+
+        async def respond(body: dict[str, Any]) -> dict[str, Any]:
+            try:
+                request = method.request.model_validate(body)
+            except ValidationError as exc:
+                raise RpcError("invalid", _problems(exc)) from None
+            return (await handler(request)).wire()
+
+        return await self.serve(method.subject, respond, queue=queue)
+
+
+def _problems(exc: ValidationError) -> str:
+    """A validation error as `field.path: message; ...`, without the input."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+        for error in exc.errors(include_input=False)
+    )
 
 
 class Consumer:
-    """A durable pull consumer loop that enforces the delivery rules for one handler."""
+    """A durable pull consumer loop that enforces the delivery rules for one dispatcher.
 
-    def __init__(self, bus: Bus, spec: ConsumerSpec, handler: Handler) -> None:
+    The messages of a fetched batch are handled concurrently, each a task in the consumer's
+    `TaskSet`; a single `keepalive` loop tells the server every `ack_wait / 3` seconds that
+    the ones still being handled are in progress, so a slow handler is not redelivered.
+    """
+
+    def __init__(self, bus: Bus, spec: ConsumerSpec, dispatch: Dispatch | BatchHandler) -> None:
         self.bus = bus
         self.spec = spec
-        self.handler = handler
+        self.dispatch = dispatch
+        """Per message (a `Router`'s or the older handler's), or per fetch (a batch)."""
         self._stopping = asyncio.Event()
-        self._inflight = _Inflight()
+        self._tasks = TaskSet()
+        self._working: dict[str, Msg] = {}
         self.handled = 0
         self.dead_lettered = 0
 
@@ -359,48 +416,57 @@ class Consumer:
     async def run(self) -> None:
         """Fetch and handle messages until stop() is called; survives NATS restarts."""
         await self.bus.wait_connected()
+        self._tasks.spawn("keepalive", self._keep_alive())
         sub = None
-        while not self._stopping.is_set():
-            try:
-                if sub is None:
-                    sub = await self.bus.nc.jetstream().pull_subscribe(
-                        self.spec.filter_subject,
-                        durable=self.spec.durable,
-                        stream=self.spec.stream,
-                        config=self.config(),
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if sub is None:
+                        sub = await self.bus.nc.jetstream().pull_subscribe(
+                            self.spec.filter_subject,
+                            durable=self.spec.durable,
+                            stream=self.spec.stream,
+                            config=self.config(),
+                        )
+                    msgs = await sub.fetch(self.spec.concurrency, timeout=1.0)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning(
+                        "consumer %s: fetch failed (%s); retrying",
+                        self.spec.durable,
+                        exc or type(exc),
                     )
-                msgs = await sub.fetch(self.spec.concurrency, timeout=1.0)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "consumer %s: fetch failed (%s); retrying", self.spec.durable, exc or type(exc)
-                )
-                if sub is not None:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-                sub = None
-                await self._sleep(1.0)
-                continue
-            if self._stopping.is_set():
-                # Fetched while stopping: give them back at once (nak, no delay) instead of
-                # starting work drain() no longer waits for, which would leave them unacked
-                # for a whole ack_wait before another replica or the next start gets them.
+                    if sub is not None:
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                    sub = None
+                    await self._sleep(1.0)
+                    continue
+                if self._stopping.is_set():
+                    # Fetched while stopping: give them back at once (nak, no delay) instead of
+                    # starting work drain() no longer waits for, which would leave them unacked
+                    # for a whole ack_wait before another replica or the next start gets them.
+                    for msg in msgs:
+                        with contextlib.suppress(Exception):
+                            await msg.nak()
+                    break
+                if isinstance(self.dispatch, BatchHandler):
+                    name = f"batch-{msgs[0].metadata.sequence.stream}"
+                    await self._tasks.spawn(name, self._handle_batch(msgs, self.dispatch))
+                    continue
+                handling = []
                 for msg in msgs:
-                    with contextlib.suppress(Exception):
-                        await msg.nak()
-                break
-            batch = [asyncio.create_task(self._handle(msg)) for msg in msgs]
-            self._inflight.tasks.update(batch)
-            try:
-                await asyncio.gather(*batch)
-            finally:
-                self._inflight.tasks.difference_update(batch)
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                    name = f"message-{msg.metadata.sequence.stream}"
+                    handling.append(self._tasks.spawn(name, self._handle(msg, name)))
+                await asyncio.gather(*handling)
+        finally:
+            await self._tasks.cancel("keepalive")
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -410,7 +476,7 @@ class Consumer:
         """Ask the loop to stop after the messages it is handling now."""
         self._stopping.set()
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: Msg, name: str) -> None:
         meta = msg.metadata
         delivery = Delivery(
             subject=msg.subject,
@@ -422,56 +488,100 @@ class Consumer:
         except (ValidationError, ValueError) as exc:
             await self._dead_letter(msg, delivery, f"malformed envelope: {exc}")
             return
+        delivery = Delivery(
+            subject=delivery.subject,
+            stream_sequence=delivery.stream_sequence,
+            num_delivered=delivery.num_delivered,
+            envelope=envelope,
+        )
         if delivery.num_delivered > self.spec.max_deliver:
             await self._dead_letter(
                 msg, delivery, "delivered more than max_deliver times without an outcome"
             )
             return
         token = correlation_id.set(envelope.correlationid)
-        keepalive = asyncio.create_task(self._keep_alive(msg))
+        self._working[name] = msg
+        assert not isinstance(self.dispatch, BatchHandler)
         try:
-            await self.handler(envelope, delivery)
-        except (Reject, UnknownMessageType, ValidationError) as exc:
-            await self._dead_letter(msg, delivery, f"{type(exc).__name__}: {exc}")
-            return
+            decision = await self.dispatch(envelope, delivery)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await msg.nak()
             raise
-        except Exception as exc:
-            if delivery.num_delivered >= self.spec.max_deliver:
-                await self._dead_letter(msg, delivery, f"{type(exc).__name__}: {exc}")
-            else:
-                delay = self._backoff(delivery.num_delivered)
-                log.warning(
-                    "handler for %s failed (delivery %d/%d): %s; retrying in %.1fs",
-                    delivery.subject,
-                    delivery.num_delivered,
-                    self.spec.max_deliver,
-                    exc,
-                    delay,
-                    exc_info=True,
-                )
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=delay)
-            return
         finally:
-            keepalive.cancel()
+            self._working.pop(name, None)
             correlation_id.reset(token)
-        await self._ack(msg)
-        self.handled += 1
+        await self._carry_out(msg, delivery, decision)
+
+    async def _handle_batch(self, msgs: list[Msg], batch: BatchHandler) -> None:
+        """Every message of a fetch to the batch handler at once, in stream order."""
+        taken: list[tuple[Msg, Envelope, Delivery]] = []
+        for msg in msgs:
+            meta = msg.metadata
+            delivery = Delivery(msg.subject, meta.sequence.stream, meta.num_delivered)
+            try:
+                envelope = Envelope.from_bytes(msg.data)
+            except (ValidationError, ValueError) as exc:
+                await self._dead_letter(msg, delivery, f"malformed envelope: {exc}")
+                continue
+            if delivery.num_delivered > self.spec.max_deliver:
+                await self._dead_letter(
+                    msg, delivery, "delivered more than max_deliver times without an outcome"
+                )
+                continue
+            delivery = Delivery(
+                delivery.subject, delivery.stream_sequence, delivery.num_delivered, envelope
+            )
+            taken.append((msg, envelope, delivery))
+        for msg, _, delivery in taken:
+            self._working[f"batch-{delivery.stream_sequence}"] = msg
+        try:
+            decisions = await batch.dispatch_batch([(e, d) for _, e, d in taken])
+        except asyncio.CancelledError:
+            for msg, _, _ in taken:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            raise
+        finally:
+            for _, _, delivery in taken:
+                self._working.pop(f"batch-{delivery.stream_sequence}", None)
+        for (msg, _, delivery), decision in zip(taken, decisions, strict=True):
+            await self._carry_out(msg, delivery, decision)
+
+    async def _carry_out(self, msg: Msg, delivery: Delivery, decision: Decision) -> None:
+        if decision.outcome is Outcome.ACK:
+            await self._ack(msg)
+            self.handled += 1
+            return
+        if decision.outcome is Outcome.RETRY and delivery.num_delivered < self.spec.max_deliver:
+            delay = self._backoff(delivery.num_delivered)
+            log.warning(
+                "handler for %s failed (delivery %d/%d): %s; retrying in %.1fs",
+                delivery.subject,
+                delivery.num_delivered,
+                self.spec.max_deliver,
+                decision.error,
+                delay,
+                exc_info=decision.exception,
+            )
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=delay)
+            return
+        await self._dead_letter(msg, delivery, decision.error)
 
     def _backoff(self, attempt: int) -> float:
         steps = list(self.spec.backoff_seconds) or [1.0]
         return steps[min(attempt, len(steps)) - 1]
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        """Tell the server a slow handler is still working, so it does not redeliver."""
+    async def _keep_alive(self) -> None:
+        """Tell the server the messages still being handled are in progress, so it does not
+        redeliver them to another replica while a slow handler works."""
         interval = max(self.spec.ack_wait_seconds / 3, 0.5)
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+            for msg in list(self._working.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
 
     async def _ack(self, msg: Msg) -> None:
         try:
@@ -512,15 +622,30 @@ class Consumer:
     async def drain(self, timeout: float) -> None:
         """Stop, wait up to `timeout` for in-flight handlers, then cancel (they get nak'd)."""
         self.stop()
-        pending = set(self._inflight.tasks)
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=timeout)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=1.0)
+        await self._tasks.cancel("keepalive", timeout=0.5)
+        still = await self._tasks.wait(timeout)
+        if still:
+            log.warning("consumer %s: cancelling %s after the drain", self.spec.durable, still)
+        with contextlib.suppress(Exception):
+            await self._tasks.stop(1.0)
 
 
 def servers_from_url(url: str) -> list[str]:
     """`nats://a:4222,nats://b:4222` to a list of server URLs."""
     return [part.strip() for part in url.split(",") if part.strip()]
+
+
+__all__ = [
+    "BatchHandler",
+    "Bus",
+    "BusUnavailable",
+    "Consumer",
+    "ConsumerSpec",
+    "Delivery",
+    "Handler",
+    "Reject",
+    "RpcError",
+    "StreamSettings",
+    "servers_from_url",
+    "stream_configs",
+]

@@ -1,18 +1,25 @@
 """JetStream key-value buckets for services' small bookkeeping, and leases built on them.
 
 A lease makes work that must happen once (schedules, resyncs) safe with several replicas: the
-holder renews it by compare-and-set, and the bucket's TTL expires it when the holder dies.
+holder renews it by compare-and-set, and the bucket's TTL expires it when the holder dies. Each
+service keeps its leases in its own bucket, `nest_<service>_leases` (`open_leases`), and runs
+such work with `run_while_held`: take or renew the lease, work if it is ours, sleep, again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 
 import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from libs.common.bus import Bus
+
+log = logging.getLogger(__name__)
 
 
 async def open_bucket(bus: Bus, config: KeyValueConfig) -> KeyValue:
@@ -83,3 +90,42 @@ class Leases:
             if entry.value is not None and entry.value.decode() == holder:
                 with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                     await self.kv.delete(name, last=entry.revision)
+
+
+def leases_bucket(service: str) -> str:
+    """The bucket holding `service`'s leases."""
+    return f"nest_{service}_leases"
+
+
+async def open_leases(bus: Bus, service: str, ttl_seconds: float) -> Leases:
+    """`service`'s leases (bucket `nest_<service>_leases`), each lasting `ttl_seconds` unless
+    renewed."""
+    return await Leases.open(bus, leases_bucket(service), ttl_seconds)
+
+
+async def run_while_held(
+    leases: Leases,
+    lease: str,
+    holder: str,
+    work: Callable[[], Awaitable[object]],
+    *,
+    interval: float,
+    first_after: float = 0.0,
+) -> None:
+    """Every `interval` seconds (the first time after `first_after`), take or renew `lease` for
+    `holder` and run `work` while it is ours. A failing round is logged and the next one runs
+    as usual; on cancellation the lease is given up, so another replica takes over at once."""
+    try:
+        await asyncio.sleep(first_after)
+        while True:
+            try:
+                if await leases.hold(lease, holder):
+                    await work()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed; trying again in %.0fs", lease, interval)
+            await asyncio.sleep(interval)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(leases.release(lease, holder), 2.0)

@@ -4,12 +4,16 @@ Started on 127.0.0.1 with JetStream in the data dir and `sync_interval: always` 
 write: Jepsen lost acknowledged writes under the default interval). It runs in its own process
 group and is killed by the kernel when its parent dies (PR_SET_PDEATHSIG), so it never outlives
 Nest, also when Nest is SIGKILLed; a stale pid file left behind is cleaned up at the next start.
+
+`resolve_nats` picks the server a process uses: NEST_NATS_URL, else the data dir's embedded
+server (started if none runs). It imports no NATS client, so `nest up` stays small.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -17,7 +21,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from libs.common.settings import Settings
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 
@@ -170,3 +181,47 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass
+class NatsEndpoint:
+    """The NATS URL to use, and the embedded server we started for it, if any."""
+
+    url: str
+    embedded: EmbeddedNats | None = None
+
+    def stop(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def running_embedded(directory: Path) -> str | None:
+    """The URL of an embedded server already running for this data dir, if there is one."""
+    try:
+        pid = int((directory / "nats-server.pid").read_text().strip())
+        url = (directory / "url").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if not (_pid_alive(pid) and _is_nats_server(pid)):
+        return None
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=0.5):
+        return url
+    return None
+
+
+def resolve_nats(settings: Settings, *, reuse: bool = True) -> NatsEndpoint:
+    """NEST_NATS_URL if set; otherwise the embedded server of the data dir (started if needed)."""
+    if settings.nats_url:
+        return NatsEndpoint(settings.nats_url)
+    directory = settings.data_dir / "nats"
+    if reuse and (url := running_embedded(directory)):
+        return NatsEndpoint(url)
+    server = EmbeddedNats(directory)
+    server.start()
+    (directory / "url").write_text(server.url)
+    log.info(
+        "embedded nats-server started",
+        extra={"url": server.url, "pid": server.process.pid if server.process else None},
+    )
+    return NatsEndpoint(server.url, server)

@@ -16,13 +16,11 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from libs.common.bus import Bus, StreamSettings, servers_from_url
 from libs.common.contract import heartbeat_subject
-from libs.common.nats_server import EmbeddedNats, _is_nats_server, _pid_alive
+from libs.common.nats_server import NatsEndpoint, resolve_nats
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
 
@@ -46,50 +44,6 @@ class Service(Protocol):
 
 def instance_name(settings: Settings) -> str:
     return settings.instance or f"{socket.gethostname()}-{os.getpid()}"
-
-
-@dataclass
-class NatsEndpoint:
-    """The NATS URL to use, and the embedded server we started for it, if any."""
-
-    url: str
-    embedded: EmbeddedNats | None = None
-
-    def stop(self) -> None:
-        if self.embedded is not None:
-            self.embedded.stop()
-
-
-def _running_embedded(directory: Path) -> str | None:
-    """The URL of an embedded server already running for this data dir, if there is one."""
-    try:
-        pid = int((directory / "nats-server.pid").read_text().strip())
-        url = (directory / "url").read_text().strip()
-    except (OSError, ValueError):
-        return None
-    if not (_pid_alive(pid) and _is_nats_server(pid)):
-        return None
-    host, port = url.removeprefix("nats://").rsplit(":", 1)
-    with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=0.5):
-        return url
-    return None
-
-
-def resolve_nats(settings: Settings, *, reuse: bool = True) -> NatsEndpoint:
-    """NEST_NATS_URL if set; otherwise the embedded server of the data dir (started if needed)."""
-    if settings.nats_url:
-        return NatsEndpoint(settings.nats_url)
-    directory = settings.data_dir / "nats"
-    if reuse and (url := _running_embedded(directory)):
-        return NatsEndpoint(url)
-    server = EmbeddedNats(directory)
-    server.start()
-    (directory / "url").write_text(server.url)
-    log.info(
-        "embedded nats-server started",
-        extra={"url": server.url, "pid": server.process.pid if server.process else None},
-    )
-    return NatsEndpoint(server.url, server)
 
 
 class HealthServer:
@@ -206,3 +160,13 @@ async def run_service(service: Service, settings: Settings, nats_url: str) -> No
         await health.stop()
         await bus.close()
     log.info("%s stopped", service.name)
+
+
+__all__ = [
+    "HealthServer",
+    "NatsEndpoint",  # moved to libs.common.nats_server; kept here for older imports
+    "Service",
+    "instance_name",
+    "resolve_nats",  # moved to libs.common.nats_server; kept here for older imports
+    "run_service",
+]

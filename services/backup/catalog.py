@@ -53,14 +53,6 @@ CatalogMessage = (
     | ClusterDeclared
     | ClusterDeleted
 )
-CATALOG_TYPES = (
-    ApplyBackupLocation,
-    DeleteBackupLocation,
-    ApplyBackupPolicy,
-    DeleteBackupPolicy,
-    ClusterDeclared,
-    ClusterDeleted,
-)
 
 
 class LocationEntry(WireModel):

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from pathlib import Path
 
-from libs.common.contract.backup_location import BackupLocationSpec
 from libs.common.cron import CronError, CronSchedule
 from libs.common.settings import Settings
-from services.backup import crypto
-from services.backup.retention import RetentionPolicy
-from services.backup.store import LocalStore, ObjectStore, S3Config, S3Store
+from services.backup.snapshots.retention import RetentionPolicy
+from services.backup.stores import crypto
+from services.backup.stores.local import LocalStore
+from services.backup.stores.objects import ObjectStore
+from services.backup.stores.s3 import S3Config, S3Store
 
 
 class BackupConfigError(ValueError):
@@ -95,23 +95,3 @@ def foundry_schedule(settings: Settings) -> CronSchedule:
 
 def incomplete_grace(settings: Settings) -> timedelta:
     return timedelta(hours=settings.backup_incomplete_grace_hours)
-
-
-def store_from_location(spec: BackupLocationSpec) -> ObjectStore:
-    """The store a backup location names; one attempt per request so a probe answers quickly."""
-    if spec.kind == "local":
-        return LocalStore(Path(spec.path or ""))
-    config = S3Config.model_validate(
-        {
-            "endpoint_url": spec.endpoint_url,
-            "bucket": spec.bucket,
-            "prefix": spec.prefix,
-            "region": spec.region,
-            "access_key_id": spec.access_key_id,
-            "secret_access_key": spec.secret_access_key,
-            "path_style": spec.path_style,
-            "max_attempts": 1,
-            "read_timeout": 15.0,
-        }
-    )
-    return S3Store(config)

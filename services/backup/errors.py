@@ -146,6 +146,23 @@ class RestoreError(BackupError):
     reason = "RestoreError"
 
 
+class RestoreRefused(BackupError):
+    """A cluster restore must not go on; `reason` says why (SnapshotOlder, InvalidBackup, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class DrillCheckFailed(BackupError):
+    """A restore drill's check failed; `reason` is the DrillFailed reason (RevisionMismatch,
+    AlembicVersionMissing, NoScratchDatabase, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class DumpError(BackupError):
     """pg_dump or the SQLite backup failed."""
 

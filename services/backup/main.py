@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from libs.common.logging import configure_logging
-from libs.common.runner import resolve_nats, run_service
+from libs.common.nats_server import resolve_nats
+from libs.common.runner import run_service
 from libs.common.settings import Settings
 from services.backup.service import BackupService
 

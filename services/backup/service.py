@@ -1,18 +1,28 @@
-"""The backup service: consumes `nest.intent.backup.run`, emits the scheduled runs, reports events.
+"""The backup service: its transport. Message handlers, request/reply and the scheduler loop;
+the work is in the sub-packages, each named after one job:
 
-Transport only; the work is in `runs.run_backup`.
+- `snapshots/`: taking a backup (etcd snapshots, Foundry DB dumps, one run: `runs.run_backup`);
+- `stores/`: where backups are kept and in which format (local and S3 stores, the artifact
+  layout, manifest and encryption, the API's backup locations);
+- `schedules/`: when backups and drills run (policies, schedule and RPO records, the tick);
+- `restores/`: bringing a backup back (a cluster's etcd, staged for the provisioner; the
+  Foundry DB, for `nest restore foundry`);
+- `drills/`: proving the newest backup of a target restores.
 
-- Intents arrive on one durable consumer (`backup`). Each run publishes `BackupStarted`, then
-  `BackupCompleted` or `BackupFailed`. A backup-domain failure (bucket missing, snapshot corrupt,
-  ...) is reported and acked: the next scheduled run is the retry, and an operator sees the
-  reason at once. Anything unexpected is reported and re-raised, so the bus retries it and
-  finally dead-letters it.
-- The same consumer takes the API's backup locations and policies into the catalog
-  (`catalog.py`); a second durable consumer (`backup-clusters`, on NEST_EVENTS) follows
-  `ClusterDeclared`/`ClusterDeleted`. A run resolves its store, keys and retention from its
-  policy or location (`resolve.py`, `locations.py`).
-- The scheduler loop runs on the one replica holding the `scheduler` lease; `scheduler.py` does
-  one tick: schedules per policy and target, catch-up runs, drills, RPO checks.
+Handlers, each registered by message type with its declared ack outcome (`handlers.Router`):
+
+- Intents arrive on one durable consumer (`backup`). A `RunBackup` publishes `BackupStarted`,
+  then `BackupCompleted` or `BackupFailed`. A backup-domain failure (bucket missing, snapshot
+  corrupt, ...) is reported and acked: the next scheduled run is the retry, and an operator
+  sees the reason at once. Anything unexpected is reported and re-raised: retried with
+  backoff, then dead-lettered (`NACK_ON_ERROR`). The same consumer takes the API's backup
+  locations and policies into the catalog (`catalog.py`) and `PrepareRestore` intents.
+- A second durable consumer (`backup-clusters`, on NEST_EVENTS) follows `ClusterDeclared` /
+  `ClusterDeleted` into the catalog and ignores every other cluster event.
+- `nest.rpc.backup.probe_location` answers the API's live check of a location.
+
+The scheduler loop runs on the one replica holding the `scheduler` lease
+(`schedules.scheduler`: schedules per policy and target, catch-up runs, drills, RPO checks).
 """
 
 from __future__ import annotations
@@ -20,47 +30,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from libs.common.bus import Bus, Consumer, ConsumerSpec, Delivery, Reject, RpcError
-from libs.common.contract import (
-    EVENTS_STREAM,
-    INTENTS_STREAM,
-    Envelope,
-    UnknownMessageType,
-    parse_payload,
-)
-from libs.common.contract.backup import (
-    DrillFailed,
-    RunBackup,
-)
+from libs.common.bus import Bus, Consumer, ConsumerSpec, RpcError
+from libs.common.clock import Clock, utcnow
+from libs.common.contract import EVENTS_STREAM, INTENTS_STREAM
+from libs.common.contract.backup import DrillFailed, DrillPassed, RunBackup
 from libs.common.contract.backup_location import (
-    PROBE_LOCATION_RPC_SUBJECT,
+    PROBE_LOCATION_RPC,
     LocationProbed,
     ProbeErrorKind,
     ProbeLocationRequest,
 )
+from libs.common.contract.backup_policy import (
+    ApplyBackupLocation,
+    ApplyBackupPolicy,
+    DeleteBackupLocation,
+    DeleteBackupPolicy,
+)
+from libs.common.contract.cluster import ClusterDeclared, ClusterDeleted
 from libs.common.contract.restore import PrepareRestore
-from libs.common.kv import Leases
+from libs.common.handlers import AckPolicy, Router, Unknown
+from libs.common.kv import Leases, leases_bucket, open_leases, run_while_held
 from libs.common.runner import instance_name
 from libs.common.secrets import sealer_from_settings
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
-from services.backup import config, drills, errors, reports
-from services.backup.access import rpc_etcd_access
-from services.backup.catalog import CATALOG_TYPES, Catalog
-from services.backup.layout import BackupRef, new_ref
-from services.backup.locations import LocationStores
-from services.backup.resolve import ResolvedRun, resolve_run
-from services.backup.restores import RestorePreparer, preparer_for
-from services.backup.runs import BackupContext, EtcdAccess, RunRequest, run_backup
-from services.backup.scheduler import Scheduler
-from services.backup.state import RpoBook, ScheduleRecord, Schedules, open_leases
-from services.backup.store import probe
+from services.backup import config, errors
+from services.backup.catalog import Catalog, CatalogMessage
+from services.backup.drills.newest import drill_newest
+from services.backup.restores.cluster import RestorePreparer
+from services.backup.restores.staging import StagedSnapshots, staged_from_settings
+from services.backup.schedules.records import ScheduleRecord, Schedules
+from services.backup.schedules.rpo import RpoBook
+from services.backup.schedules.scheduler import Scheduler
+from services.backup.snapshots import reports
+from services.backup.snapshots.access import rpc_etcd_access
+from services.backup.snapshots.resolve import ResolvedRun, resolve_run
+from services.backup.snapshots.runs import BackupContext, EtcdAccess, RunRequest, run_backup
+from services.backup.stores.layout import BackupRef, new_ref
+from services.backup.stores.locations import LocationStores, store_for
+from services.backup.stores.objects import ObjectStore
+from services.backup.stores.probe import probe
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +83,8 @@ SOURCE = "backup"
 DURABLE = "backup"
 CLUSTERS_DURABLE = "backup-clusters"
 SCHEDULER_LEASE = "scheduler"
+LEASES_BUCKET = leases_bucket(SOURCE)
 FOUNDRY_TARGET = "foundry"
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def context_from_settings(settings: Settings, etcd_access: EtcdAccess | None) -> BackupContext:
@@ -100,11 +111,10 @@ PROBE_ERROR_KINDS: dict[type[errors.BackupError], ProbeErrorKind] = {
 }
 
 
-async def probe_location(body: dict[str, Any]) -> dict[str, Any]:
+async def probe_location(request: ProbeLocationRequest) -> LocationProbed:
     """Answer `nest.rpc.backup.probe_location`: write, read back and delete a probe object."""
     try:
-        request = ProbeLocationRequest.model_validate(body)
-        store = config.store_from_location(request.spec)
+        store = store_for(request.spec, probing=True)
     except ValidationError as exc:
         # Never echo the input: it holds the secret access key.
         problems = "; ".join(
@@ -121,12 +131,12 @@ async def probe_location(body: dict[str, Any]) -> dict[str, Any]:
     finally:
         await store.close()
     log.info("backup location probed", extra={"location": store.description})
-    return LocationProbed(description=store.description).wire()
+    return LocationProbed(description=store.description)
 
 
 async def serve_probe_location(bus: Bus) -> Any:
     """Answer location probes (any replica may answer one)."""
-    return await bus.serve(PROBE_LOCATION_RPC_SUBJECT, probe_location, queue=SOURCE)
+    return await bus.answer(PROBE_LOCATION_RPC, probe_location, queue=SOURCE)
 
 
 class BackupService:
@@ -157,6 +167,7 @@ class BackupService:
         self._run_lock = asyncio.Lock()
         self._probe_subscription: Any = None
         self.restores: RestorePreparer | None = None
+        self.staged: StagedSnapshots | None = None
         self._catalog: Catalog | None = None
         self._stores: LocationStores | None = None
         self._rpo: RpoBook | None = None
@@ -169,12 +180,41 @@ class BackupService:
             raise RuntimeError("the backup service is not started")
         return self._bus
 
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            raise RuntimeError("the backup service is not started")
+        return self._catalog
+
+    def intents(self) -> Router:
+        """The intent handlers. Each failure they let through is unexpected (a backup-domain
+        failure is reported by the handler and acked): retried with backoff, then
+        dead-lettered."""
+        router = Router(SOURCE)
+        router.register(RunBackup, self.on_run, ack=AckPolicy.NACK_ON_ERROR)
+        router.register(PrepareRestore, self.on_prepare_restore, ack=AckPolicy.NACK_ON_ERROR)
+        for catalog_type in (
+            ApplyBackupPolicy,
+            DeleteBackupPolicy,
+            ApplyBackupLocation,
+            DeleteBackupLocation,
+        ):
+            router.register(catalog_type, self.on_catalog, ack=AckPolicy.NACK_ON_ERROR)
+        return router
+
+    def cluster_events(self) -> Router:
+        """The cluster events the catalog follows; every other cluster event is not ours."""
+        router = Router(f"{SOURCE}-clusters", unknown=Unknown.IGNORE)
+        router.register(ClusterDeclared, self.on_catalog, ack=AckPolicy.NACK_ON_ERROR)
+        router.register(ClusterDeleted, self.on_catalog, ack=AckPolicy.NACK_ON_ERROR)
+        return router
+
     async def start(self, bus: Bus) -> None:
         self._bus = bus
         if self.context.etcd_access is None:
             self.context.etcd_access = rpc_etcd_access(bus, f"backup-{self.instance}")
         self._schedules = await Schedules.open(bus)
-        self._leases = await open_leases(bus, ttl_seconds=max(4 * self.tick_seconds, 5.0))
+        self._leases = await open_leases(bus, SOURCE, ttl_seconds=max(4 * self.tick_seconds, 5.0))
         self._catalog = await Catalog.open(bus)
         self._stores = LocationStores(self._catalog, sealer_from_settings(self.settings))
         self._rpo = await RpoBook.open(bus)
@@ -188,8 +228,17 @@ class BackupService:
             clock=self.clock,
             start_drill=self.start_drill,
         )
-        self.restores = preparer_for(self)  # cluster restores (restores.py)
-        await self.restores.staged.start()
+        self.staged = staged_from_settings(self.settings)
+        self.restores = RestorePreparer(
+            staged=self.staged,
+            store_for=self.store_of_location,
+            keyring=lambda: self.context.keyring,
+            etcd_access=lambda: self.context.etcd_access,
+            bus=lambda: self.bus,
+            etcd_bin_dir=self.settings.backup_etcd_bin_dir,
+            clock=self.clock,
+        )
+        await self.staged.start()
         spec = ConsumerSpec(
             stream=INTENTS_STREAM,
             durable=DURABLE,
@@ -199,7 +248,7 @@ class BackupService:
             # A large snapshot takes a while; the consumer keeps the message alive meanwhile.
             ack_wait_seconds=120.0,
         )
-        self._consumer = bus.consumer(spec, self.handle)
+        self._consumer = bus.consumer(spec, self.intents())
         self._tasks.spawn("intents", self._consumer.run())
         clusters = ConsumerSpec(
             stream=EVENTS_STREAM,
@@ -208,9 +257,14 @@ class BackupService:
             service=SOURCE,
             max_deliver=self.settings.max_deliver,
         )
-        self._clusters_consumer = bus.consumer(clusters, self.handle_cluster_event)
+        self._clusters_consumer = bus.consumer(clusters, self.cluster_events())
         self._tasks.spawn("clusters", self._clusters_consumer.run())
-        self._tasks.spawn("scheduler", self._scheduler_loop())
+        self._tasks.spawn(
+            "scheduler",
+            run_while_held(
+                self._leases, SCHEDULER_LEASE, self.instance, self.tick, interval=self.tick_seconds
+            ),
+        )
         self._probe_subscription = await serve_probe_location(bus)
 
     async def stop(self, timeout: float) -> None:
@@ -221,12 +275,10 @@ class BackupService:
             await self._consumer.drain(timeout)
         if self._clusters_consumer is not None:
             await self._clusters_consumer.drain(timeout)
-        if self._leases is not None:
-            with contextlib.suppress(Exception):
-                await self._leases.release(SCHEDULER_LEASE, self.instance)
-        if self.restores is not None:
-            await self.restores.staged.stop()
+        if self.staged is not None:
+            await self.staged.stop()
         try:
+            # Cancelling the scheduler loop gives its lease up, for another replica to take.
             await self._tasks.stop(2.0)
         finally:
             if self._stores is not None:
@@ -236,33 +288,31 @@ class BackupService:
     async def ready(self) -> dict[str, bool]:
         return {"intents": self._tasks.alive("intents"), "clusters": self._tasks.alive("clusters")}
 
-    # Intents
-
-    async def handle(self, envelope: Envelope, delivery: Delivery) -> None:
-        try:
-            payload = parse_payload(envelope)
-        except (UnknownMessageType, ValidationError) as exc:
-            raise Reject(f"not a backup intent: {exc}") from None
-        if isinstance(payload, CATALOG_TYPES):
-            assert self._catalog is not None
-            await self._catalog.apply(payload)
+    @contextlib.asynccontextmanager
+    async def store_of_location(self, location_id: str | None) -> AsyncIterator[ObjectStore]:
+        """The store of a backup location (None: the store of this service's settings), held
+        for the time of one download."""
+        if location_id is None:
+            yield self.context.store
             return
-        if isinstance(payload, PrepareRestore) and self.restores is not None:
-            await self.restores.prepare(payload)
-            return
-        if not isinstance(payload, RunBackup):
-            raise Reject(f"{envelope.type} is not a backup intent")
-        await self.on_run(payload)
+        if self._stores is None:
+            raise errors.RestoreRefused(
+                "LocationNotFound", f"backup location {location_id!r} is not known here"
+            )
+        async with self._stores.use(location_id) as (_, store):
+            yield store
 
-    async def handle_cluster_event(self, envelope: Envelope, delivery: Delivery) -> None:
-        """ClusterDeclared / ClusterDeleted into the catalog; other cluster events are not ours."""
-        try:
-            payload = parse_payload(envelope)
-        except (UnknownMessageType, ValidationError):
-            return  # a newer event type, or one that is not for us
-        if isinstance(payload, CATALOG_TYPES):
-            assert self._catalog is not None
-            await self._catalog.apply(payload)
+    # Intents and events
+
+    async def on_catalog(self, message: CatalogMessage) -> None:
+        """A backup location, policy or cluster changed: into the catalog."""
+        await self.catalog.apply(message)
+
+    async def on_prepare_restore(self, intent: PrepareRestore) -> None:
+        """Fetch, verify and stage a backup for a cluster restore (`restores.cluster`)."""
+        if self.restores is None:
+            raise RuntimeError("the backup service is not started")
+        await self.restores.prepare(intent)
 
     async def on_run(self, intent: RunBackup) -> None:
         """Take one backup and report it. One run at a time per replica (bounded memory/IO)."""
@@ -335,16 +385,6 @@ class BackupService:
 
     # Schedules and drills
 
-    async def _scheduler_loop(self) -> None:
-        assert self._leases is not None
-        while True:
-            try:
-                if await self._leases.hold(SCHEDULER_LEASE, self.instance):
-                    await self.tick()
-            except Exception:
-                log.exception("scheduler tick failed")
-            await asyncio.sleep(self.tick_seconds)
-
     async def tick(self) -> list[str]:
         """Emit every due run and drill once, check RPOs (the lease is the caller's); returns
         the schedule keys emitted (`scheduler.Scheduler.tick`)."""
@@ -370,7 +410,7 @@ class BackupService:
             now = self.clock()
             try:
                 async with self._stores.use(location_id) as (_, store):
-                    result: Any = await drills.drill_newest(
+                    result: DrillPassed | DrillFailed = await drill_newest(
                         store,
                         record.target,
                         record.kind,

@@ -10,6 +10,10 @@ talks to one API server (the management cluster, or a tenant's) with kubernetes-
   a Nest bug, retrying will not help.
 
 A missing object is not an error: `get` answers None and `delete` answers False.
+
+kubernetes_asyncio (and aiohttp under it) is imported when the first client is made, not with
+this module: a provisioner without a management cluster never loads them (they were the largest
+part of its memory).
 """
 
 from __future__ import annotations
@@ -23,15 +27,14 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import aiohttp
-from kubernetes_asyncio import client as kclient
-from kubernetes_asyncio import config as kconfig
-from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config.config_exception import ConfigException
+from typing import TYPE_CHECKING, Any
 
 from services.provisioner import names
+
+if TYPE_CHECKING:
+    import aiohttp
+    from kubernetes_asyncio import client as kclient
+    from kubernetes_asyncio.client.exceptions import ApiException
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ class Retry:
     own. A server that accepts and never speaks TLS costs this, not `timeout`."""
 
     def client_timeout(self) -> aiohttp.ClientTimeout:
+        import aiohttp
+
         return aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout)
 
     def delay(self, attempt: int) -> float:
@@ -109,6 +114,15 @@ class KubeClient:
 
         Raises `KubeNotConfigured` when neither is available.
         """
+        if kubeconfig is None and not _in_cluster():
+            raise KubeNotConfigured(
+                "no management cluster configured: set NEST_KUBECONFIG, or run Nest inside "
+                "the management cluster"
+            )
+        from kubernetes_asyncio import client as kclient
+        from kubernetes_asyncio import config as kconfig
+        from kubernetes_asyncio.config.config_exception import ConfigException
+
         configuration = kclient.Configuration()
         try:
             if kubeconfig is not None:
@@ -146,6 +160,8 @@ class KubeClient:
 
         The TLS material exists on disk only while the client's TLS context loads it.
         """
+        from kubernetes_asyncio import client as kclient
+
         configuration = kclient.Configuration(host=server)
         configuration.connection_pool_maxsize = connections
         with tempfile.TemporaryDirectory(prefix="nest-tls-") as directory:
@@ -174,6 +190,9 @@ class KubeClient:
         content_type: str = "application/json",
     ) -> Any:
         """One REST call, retried while the failure is transient; the decoded JSON answer."""
+        import aiohttp
+        from kubernetes_asyncio.client.exceptions import ApiException
+
         for attempt in range(self.retry.attempts):
             try:
                 return await self._api.call_api(
@@ -281,6 +300,9 @@ class KubeClient:
             query.append(("labelSelector", selector))
         if resource_version:
             query.append(("resourceVersion", resource_version))
+        import aiohttp
+        from kubernetes_asyncio.client.exceptions import ApiException
+
         try:
             response = await self._api.call_api(
                 path,
@@ -364,4 +386,11 @@ def _message(exc: ApiException) -> str:
 def _rejected(method: str, path: str, exc: ApiException) -> KubeRejected:
     return KubeRejected(
         int(exc.status), f"{method} {path} answered {exc.status}: {_message(exc)}".rstrip(": ")
+    )
+
+
+def _in_cluster() -> bool:
+    """Whether this process runs in a Kubernetes pod (the service account's API is there)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and bool(
+        os.environ.get("KUBERNETES_SERVICE_PORT")
     )

@@ -17,10 +17,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from libs.common.clock import Clock, utcnow
 from libs.common.contract.cluster import ClusterEndpoint, DeleteCluster, ReconcileCluster
 from libs.common.contract.versions import UpgradeRefused, check_upgrade
 from services.provisioner import addons, kube, manifests, names, pki, status
@@ -35,12 +36,6 @@ TENANT_BACKOFF_FIRST = 1.0
 TENANT_BACKOFF_MAX = 60.0
 """Pause (seconds) before the add-ons of a cluster whose tenant API did not answer are tried
 again: the first, doubled after each failure up to the last; passes in between skip them."""
-
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

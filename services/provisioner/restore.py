@@ -34,11 +34,13 @@ from functools import partial
 from typing import Any
 
 from libs.common.bus import Bus
+from libs.common.clock import Clock
 from libs.common.contract.cluster import ClusterStatusChanged, Condition
 from libs.common.contract.restore import RestoreEtcd, RestoreProgressed
+from libs.common.tasks import TaskSet
 from services.provisioner import manifests, names
 from services.provisioner.kube import KubeClient, KubeError, KubeNotConfigured, KubeRejected
-from services.provisioner.reconciler import Clock, deployment_rolled_out, statefulset_ready
+from services.provisioner.reconciler import deployment_rolled_out, statefulset_ready
 from services.provisioner.store import ActiveRestore, ClusterRecord, ClusterStore
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ class Restores:
         self._client = client
         self._resume = resume
         self.clock = clock
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks = TaskSet()
         self._stopping = False
 
     # Entry points
@@ -129,20 +131,13 @@ class Restores:
         """Run the cluster's recorded restore unless a task already does."""
         if self._stopping:
             return
-        task = self._tasks.get(cluster_id)
-        if task is not None and not task.done():
-            return
-        self._tasks[cluster_id] = asyncio.create_task(
-            self._run(cluster_id), name=f"restore-{cluster_id}"
-        )
+        name = f"restore-{cluster_id}"
+        if not self._tasks.alive(name):
+            self._tasks.spawn(name, self._run(cluster_id))
 
     async def stop(self) -> None:
         self._stopping = True
-        tasks = [task for task in self._tasks.values() if not task.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
+        await self._tasks.stop(2.0)
 
     # The restore
 

@@ -13,6 +13,12 @@ the kubeconfig request handler. Transport stays thin; the work is in `reconciler
   again (recreating what was deleted behind Nest's back), finishes interrupted deletions,
   removes leftovers of clusters whose deletion is confirmed, and reports, without touching,
   namespaces labelled for clusters it has no record of.
+
+Every intent type has its own handler (`handlers.Router`), each failing as declared: a
+reconcile, delete or restore that fails is retried with backoff (the management cluster may be
+down), and dead-lettered after `max_deliver` deliveries. Every loop (the intent consumer, the
+resync, the watches, one follow-up per cluster not Ready yet) is a task of the service's
+`TaskSet`.
 """
 
 from __future__ import annotations
@@ -26,32 +32,25 @@ from datetime import timedelta
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
-from libs.common.bus import Bus, Consumer, ConsumerSpec, Delivery, Reject, RpcError
-from libs.common.contract import INTENTS_STREAM, Envelope, UnknownMessageType, parse_payload
+from libs.common.bus import Bus, Consumer, ConsumerSpec, RpcError
+from libs.common.clock import Clock, utcnow
+from libs.common.contract import INTENTS_STREAM
 from libs.common.contract.cluster import ClusterDeleted, DeleteCluster, ReconcileCluster
-from libs.common.contract.etcd_access import (
-    ETCD_CLIENT_RPC_SUBJECT,
-    EtcdClientIssued,
-    EtcdClientRequest,
-)
-from libs.common.contract.kubeconfig import (
-    KUBECONFIG_RPC_SUBJECT,
-    KubeconfigIssued,
-    KubeconfigRequest,
-)
+from libs.common.contract.etcd_access import ETCD_CLIENT_RPC, EtcdClientIssued, EtcdClientRequest
+from libs.common.contract.kubeconfig import KUBECONFIG_RPC, KubeconfigIssued, KubeconfigRequest
 from libs.common.contract.restore import RestoreEtcd
-from libs.common.kv import Leases
+from libs.common.handlers import AckPolicy, Router
+from libs.common.kv import Leases, open_leases, run_while_held
 from libs.common.logging import correlation_id
 from libs.common.runner import instance_name
 from libs.common.settings import Settings
 from libs.common.tasks import TaskSet
 from services.provisioner import kube, pki, status
 from services.provisioner.kube import KubeError, KubeNotConfigured
-from services.provisioner.reconciler import Clock, ProvisionerConfig, Reconciler, utcnow
+from services.provisioner.reconciler import ProvisionerConfig, Reconciler
 from services.provisioner.restore import RestoreConfig, Restores, default_image
-from services.provisioner.store import ClusterRecord, ClusterStore, open_leases
+from services.provisioner.store import ClusterRecord, ClusterStore
 from services.provisioner.watch import ClusterObjectsWatch, ObjectChange
 
 log = logging.getLogger(__name__)
@@ -101,8 +100,8 @@ class ProvisionerService:
         """Soon after a start, so a restart picks up what a crashed process left half done."""
         self._tasks = TaskSet()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._followers: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
+        """Per cluster followed: set by a watch event to pass it at once."""
         self.watch = ClusterObjectsWatch(self.reconciler.management.client, self.wake)
         self.watch_debounce = 0.05
         """After a watch event, wait this long for the rest of the burst before passing."""
@@ -141,10 +140,21 @@ class ProvisionerService:
             raise RuntimeError("the provisioner is not started")
         return self._store
 
+    def intents(self) -> Router:
+        """The intent handlers: each failure is transient (the management cluster may be down
+        or slow) and retried with backoff, then dead-lettered after `max_deliver`."""
+        router = Router(SOURCE)
+        router.register(ReconcileCluster, self.on_reconcile, ack=AckPolicy.NACK_ON_ERROR)
+        router.register(DeleteCluster, self.on_delete, ack=AckPolicy.NACK_ON_ERROR)
+        router.register(RestoreEtcd, self.restores.on_restore, ack=AckPolicy.NACK_ON_ERROR)
+        return router
+
     async def start(self, bus: Bus) -> None:
         self._bus = bus
         self._store = await ClusterStore.open(bus)
-        self._leases = await open_leases(bus, ttl_seconds=max(3 * self.resync_interval, 5.0))
+        self._leases = await open_leases(
+            bus, SOURCE, ttl_seconds=max(3 * self.resync_interval, 5.0)
+        )
         spec = ConsumerSpec(
             stream=INTENTS_STREAM,
             durable=DURABLE,
@@ -155,14 +165,24 @@ class ProvisionerService:
             ack_wait_seconds=self.reconciler.config.delete_timeout_seconds + 30.0,
             concurrency=self.settings.reconcile_concurrency,
         )
-        self._consumer = bus.consumer(spec, self.handle)
+        self._consumer = bus.consumer(spec, self.intents())
         self._tasks.spawn("intents", self._consumer.run())
         self._rpc = [
-            await bus.serve(KUBECONFIG_RPC_SUBJECT, self.kubeconfig, queue=DURABLE),
-            await bus.serve(ETCD_CLIENT_RPC_SUBJECT, self.etcd_client, queue=DURABLE),
+            await bus.answer(KUBECONFIG_RPC, self.kubeconfig, queue=DURABLE),
+            await bus.answer(ETCD_CLIENT_RPC, self.etcd_client, queue=DURABLE),
         ]
         await bus.nc.flush()  # the subscription is live on the server before start() returns
-        self._tasks.spawn("resync", self._resync_loop())
+        self._tasks.spawn(
+            "resync",
+            run_while_held(
+                self._leases,
+                RESYNC_LEASE,
+                self.instance,
+                self.resync,
+                interval=self.resync_interval,
+                first_after=self.first_resync_after,
+            ),
+        )
         await self.restores.resume_all()
         self._tasks.spawn("watch", self.watch.run())
 
@@ -173,10 +193,6 @@ class ProvisionerService:
         for subscription in self._rpc:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
-        for task in list(self._followers.values()):
-            task.cancel()
-        if self._followers:
-            await asyncio.wait(list(self._followers.values()), timeout=2.0)
         await self.restores.stop()
         try:
             await self._tasks.stop(2.0)
@@ -187,21 +203,6 @@ class ProvisionerService:
         return {"intents": self._tasks.alive("intents")}
 
     # Intents
-
-    async def handle(self, envelope: Envelope, delivery: Delivery) -> None:
-        """Route one intent; malformed ones go to the dead-letter stream at once."""
-        try:
-            payload = parse_payload(envelope)
-        except (UnknownMessageType, ValidationError) as exc:
-            raise Reject(f"not a provisioner intent: {exc}") from None
-        if isinstance(payload, ReconcileCluster):
-            await self.on_reconcile(payload)
-        elif isinstance(payload, DeleteCluster):
-            await self.on_delete(payload)
-        elif isinstance(payload, RestoreEtcd):
-            await self.restores.on_restore(payload)
-        else:
-            raise Reject(f"{envelope.type} is not a provisioner intent")
 
     async def on_reconcile(self, intent: ReconcileCluster) -> None:
         async with self._locks[intent.cluster_id]:
@@ -232,9 +233,7 @@ class ProvisionerService:
                 record.generation = max(record.generation, intent.generation)
                 await self.store.put(record)
             gone = await self._finish_delete(record)
-        follower = self._followers.pop(intent.cluster_id, None)
-        if follower is not None:
-            follower.cancel()
+        await self._tasks.cancel(_follower(intent.cluster_id))
         if not gone:
             # The namespace is terminating and only needs time (pods stopping, a finalizer):
             # the intent is done, recorded as `delete_requested`; a follow-up reports the
@@ -337,7 +336,7 @@ class ProvisionerService:
         event = self._wakeups.get(cluster_id)
         if event is not None:
             event.set()
-        elif cluster_id not in self._followers:
+        elif not self._tasks.alive(_follower(cluster_id)):
             self._follow(cluster_id, immediate=True)
 
     async def _after_restore(self, cluster_id: str) -> None:
@@ -351,13 +350,12 @@ class ProvisionerService:
             self._follow(cluster_id)
 
     def _follow(self, cluster_id: str, *, immediate: bool = False) -> None:
-        if self._stopping or cluster_id in self._followers:
+        if self._stopping or self._tasks.alive(_follower(cluster_id)):
             return
         event = self._wakeups.setdefault(cluster_id, asyncio.Event())
         if immediate:
             event.set()
-        task = asyncio.create_task(self._follow_up(cluster_id), name=f"follow-{cluster_id}")
-        self._followers[cluster_id] = task
+        self._tasks.spawn(_follower(cluster_id), self._follow_up(cluster_id))
 
     async def _follow_up(self, cluster_id: str) -> None:
         """Pass a cluster again until it is Ready or Failed: at once when a watch event says
@@ -393,24 +391,10 @@ class ProvisionerService:
         except Exception:
             log.exception("follow-up of cluster %s failed; the resync takes over", cluster_id)
         finally:
-            if self._followers.get(cluster_id) is asyncio.current_task():
-                del self._followers[cluster_id]
+            if self._tasks.get(_follower(cluster_id)) is asyncio.current_task():
                 self._wakeups.pop(cluster_id, None)
 
     # Resync
-
-    async def _resync_loop(self) -> None:
-        assert self._leases is not None
-        await asyncio.sleep(self.first_resync_after)
-        while True:
-            try:
-                if await self._leases.hold(RESYNC_LEASE, self.instance):
-                    await self.resync()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("resync failed; trying again next interval")
-            await asyncio.sleep(self.resync_interval)
 
     async def resync(self) -> None:
         """Pass every known cluster again; heal drift, finish deletions, report orphans."""
@@ -461,12 +445,8 @@ class ProvisionerService:
 
     # Kubeconfigs
 
-    async def kubeconfig(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def kubeconfig(self, request: KubeconfigRequest) -> KubeconfigIssued:
         """`nest.rpc.provisioner.kubeconfig`: sign a short-lived admin kubeconfig."""
-        try:
-            request = KubeconfigRequest.model_validate(body)
-        except ValidationError as exc:
-            raise RpcError("invalid", _problems(exc)) from None
         record = await self.store.get(request.cluster_id)
         if (
             record is None
@@ -489,14 +469,10 @@ class ProvisionerService:
             "admin kubeconfig issued",
             extra={"clusterId": record.cluster_id, "user": issued.user},
         )
-        return KubeconfigIssued(kubeconfig=document, expires_at=issued.expires_at).wire()
+        return KubeconfigIssued(kubeconfig=document, expires_at=issued.expires_at)
 
-    async def etcd_client(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def etcd_client(self, request: EtcdClientRequest) -> EtcdClientIssued:
         """`nest.rpc.provisioner.etcd_client`: short-lived etcd client access (backups)."""
-        try:
-            request = EtcdClientRequest.model_validate(body)
-        except ValidationError as exc:
-            raise RpcError("invalid", _problems(exc)) from None
         record = await self.store.get(request.cluster_id)
         if record is None or record.delete_requested:
             raise RpcError("not-found", f"no cluster {request.cluster_id}")
@@ -520,13 +496,12 @@ class ProvisionerService:
             cert_pem=issued.cert_pem.decode(),
             key_pem=issued.key_pem.decode(),
             expires_at=issued.expires_at,
-        ).wire()
+        )
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
-    )
+def _follower(cluster_id: str) -> str:
+    """The name of the task following `cluster_id` until it is Ready (or gone)."""
+    return f"follow-{cluster_id}"
 
 
 def _ids(intent: ReconcileCluster | DeleteCluster) -> dict[str, object]:

@@ -19,13 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from libs.common.bus import Bus
 from libs.common.contract.cluster import ClusterEndpoint, Condition, ReconcileCluster
 from libs.common.contract.restore import RestoreEtcd
-from libs.common.kv import Leases, bucket_keys, open_bucket
+from libs.common.kv import bucket_keys, leases_bucket, open_bucket
 from services.provisioner.status import Capacity
 
 log = logging.getLogger(__name__)
 
 CLUSTERS_BUCKET = "nest_provisioner_clusters"
-LEASES_BUCKET = "nest_provisioner_leases"
+LEASES_BUCKET = leases_bucket("provisioner")
 
 
 class ActiveRestore(BaseModel):
@@ -95,8 +95,3 @@ class ClusterStore:
 
     async def ids(self) -> list[str]:
         return await bucket_keys(self.kv)
-
-
-async def open_leases(bus: Bus, ttl_seconds: float) -> Leases:
-    """This service's leases (bucket `LEASES_BUCKET`)."""
-    return await Leases.open(bus, LEASES_BUCKET, ttl_seconds)

@@ -22,7 +22,7 @@ import asyncpg
 import httpx
 import pytest
 
-from services.backup import crypto
+from services.backup.stores import crypto
 from tests.conftest import PG_DSN, run_sync
 from tests.support.parts import free_port, missing
 from tests.support.processes import AUTH, kill_group, nest_process, wait_http

@@ -36,6 +36,7 @@ from libs.common.contract.cluster import (
 )
 from libs.common.contract.envelope import Envelope
 from libs.common.contract.restore import PrepareRestore, RestoreEtcd, RestoreProgressed
+from libs.common.contract.rpc import RpcMethod
 
 INTENTS_STREAM = "NEST_INTENTS"
 EVENTS_STREAM = "NEST_EVENTS"
@@ -256,6 +257,7 @@ __all__ = [
     "MESSAGES",
     "Envelope",
     "MessageType",
+    "RpcMethod",
     "UnknownMessageType",
     "dlq_subject",
     "envelope_for",

@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from libs.common.contract.base import WireModel
+from libs.common.contract.rpc import RpcMethod
 
 PROBE_LOCATION_RPC_SUBJECT = "nest.rpc.backup.probe_location"
 ProbeErrorKind = Literal[
@@ -91,3 +92,11 @@ class LocationProbed(WireModel):
 
     ok: bool = True
     description: str = Field(description="Where it probed, without credentials.")
+
+
+PROBE_LOCATION_RPC: RpcMethod[ProbeLocationRequest, LocationProbed] = RpcMethod(
+    PROBE_LOCATION_RPC_SUBJECT,
+    ProbeLocationRequest,
+    LocationProbed,
+    "Write, read back and delete a probe object in a backup location.",
+)

@@ -8,7 +8,7 @@ back as `RpcError` kinds: `not-found` (no such cluster or no etcd CA yet), `inva
 `unavailable` (etcd not running yet, management cluster not answering).
 
 The provisioner answers it (it owns the PKI: `pki.issue_etcd_client`); the backup service is
-its client (`services.backup.access`).
+its client (`services.backup.snapshots.access`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from datetime import datetime
 from pydantic import Field
 
 from libs.common.contract.base import WireModel
+from libs.common.contract.rpc import RpcMethod
 
 ETCD_CLIENT_RPC_SUBJECT = "nest.rpc.provisioner.etcd_client"
 
@@ -39,3 +40,11 @@ class EtcdClientIssued(WireModel):
     cert_pem: str
     key_pem: str = Field(repr=False)
     expires_at: datetime
+
+
+ETCD_CLIENT_RPC: RpcMethod[EtcdClientRequest, EtcdClientIssued] = RpcMethod(
+    ETCD_CLIENT_RPC_SUBJECT,
+    EtcdClientRequest,
+    EtcdClientIssued,
+    "Short-lived mutual-TLS client access to a cluster's etcd.",
+)

@@ -19,6 +19,7 @@ from datetime import datetime
 from pydantic import Field
 
 from libs.common.contract.base import WireModel
+from libs.common.contract.rpc import RpcMethod
 
 KUBECONFIG_RPC_SUBJECT = "nest.rpc.provisioner.kubeconfig"
 DEFAULT_TTL_SECONDS = 8 * 3600
@@ -39,3 +40,11 @@ class KubeconfigIssued(WireModel):
 
     kubeconfig: str
     expires_at: datetime
+
+
+KUBECONFIG_RPC: RpcMethod[KubeconfigRequest, KubeconfigIssued] = RpcMethod(
+    KUBECONFIG_RPC_SUBJECT,
+    KubeconfigRequest,
+    KubeconfigIssued,
+    "Sign a short-lived admin kubeconfig of a cluster.",
+)

@@ -15,8 +15,9 @@ from libs.common.contract.backup_location import (
     LocationProbed,
     ProbeLocationRequest,
 )
+from libs.common.egress import EgressRefused as RefusedTarget
+from libs.common.egress import check_resolved, check_url
 from services.api.problems import FieldError, InvalidInput, Unavailable
-from services.api.webhooks.targets import RefusedTarget, check_resolved, check_url
 
 PROBE_TIMEOUT_SECONDS = 30.0
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.backup import crypto
-from services.backup.etcd import EtcdEndpoint
-from services.backup.store import S3Config, S3Store
+from services.backup.snapshots.etcd import EtcdEndpoint
+from services.backup.stores import crypto
+from services.backup.stores.s3 import S3Config, S3Store
 from tests.conftest import PG_DSN
 from tests.support.etcd import EtcdServer, etcd_bin_dir, start_etcd
 from tests.support.parts import missing

@@ -26,9 +26,9 @@ from libs.common.contract.backup_policy import (
 from libs.common.contract.etcd_access import ETCD_CLIENT_RPC_SUBJECT, EtcdClientIssued
 from libs.common.contract.restore import PrepareRestore
 from libs.common.settings import Settings
-from services.backup import artifacts
 from services.backup.service import BackupService
-from services.backup.store import LocalStore
+from services.backup.stores import artifacts
+from services.backup.stores.local import LocalStore
 from tests.support.etcd import EtcdServer
 
 

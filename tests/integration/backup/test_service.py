@@ -18,17 +18,12 @@ from libs.common.bus import Bus, RpcError
 from libs.common.contract.backup import RunBackup
 from libs.common.contract.etcd_access import ETCD_CLIENT_RPC_SUBJECT, EtcdClientIssued
 from libs.common.settings import Settings
-from services.backup import artifacts
 from services.backup.catalog import CLUSTERS_BUCKET, LOCATIONS_BUCKET, POLICIES_BUCKET
-from services.backup.service import BackupService
-from services.backup.state import (
-    LEASES_BUCKET,
-    RPO_BUCKET,
-    SCHEDULES_BUCKET,
-    ScheduleRecord,
-    Schedules,
-)
-from services.backup.store import LocalStore
+from services.backup.schedules.records import SCHEDULES_BUCKET, ScheduleRecord, Schedules
+from services.backup.schedules.rpo import RPO_BUCKET
+from services.backup.service import LEASES_BUCKET, BackupService
+from services.backup.stores import artifacts
+from services.backup.stores.local import LocalStore
 from tests.support.etcd import EtcdServer
 
 CATALOG_BUCKETS = (LOCATIONS_BUCKET, POLICIES_BUCKET, CLUSTERS_BUCKET)

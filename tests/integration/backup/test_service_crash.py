@@ -13,8 +13,8 @@ from typing import Any
 
 from libs.common.bus import Bus
 from libs.common.contract.backup import RunBackup
-from services.backup import artifacts
-from services.backup.store import S3Store
+from services.backup.stores import artifacts
+from services.backup.stores.s3 import S3Store
 from tests.integration.backup.conftest import s3_config
 from tests.integration.backup.test_service import clean_buckets
 from tests.support.parts import free_port

@@ -24,10 +24,10 @@ import nats.js.errors
 import pytest
 
 from libs.common.bus import Bus
+from libs.common.kv import open_leases
 from libs.common.settings import Settings
 from services.provisioner import manifests, names
 from services.provisioner.service import RESYNC_LEASE, ProvisionerService
-from services.provisioner.store import open_leases
 from tests.support.kube_harness import (
     REAL,
     SMALL,
@@ -115,7 +115,7 @@ async def another_replica_holds_the_resync(nats_url: str) -> None:
     bus = Bus([nats_url], name="another-replica")
     await bus.connect()
     try:
-        leases = await open_leases(bus, ttl_seconds=3600)
+        leases = await open_leases(bus, "provisioner", ttl_seconds=3600)
         assert await leases.hold(RESYNC_LEASE, f"another-replica-{uuid.uuid4().hex[:6]}")
     finally:
         await bus.close()
@@ -408,7 +408,7 @@ class TestResync:
         async with running_provisioner(configured, nats_url) as service:
             created = await create(api, name, spec=SMALL)
             await wait_cluster(api, created["id"], management_side_ready)
-            leases = await open_leases(bus, ttl_seconds=5)
+            leases = await open_leases(bus, "provisioner", ttl_seconds=5)
 
             async def held() -> bool:
                 # The lease is renewed between resyncs; a long resync (a tenant timing out)
@@ -442,7 +442,7 @@ class TestResync:
             assert await eventually(back)
 
     async def test_only_one_replica_holds_the_lease(self, bus: Bus) -> None:
-        leases = await open_leases(bus, ttl_seconds=30)
+        leases = await open_leases(bus, "provisioner", ttl_seconds=30)
         name = f"test-{uuid.uuid4().hex[:8]}"
         assert await leases.hold(name, "a")
         assert not await leases.hold(name, "b")

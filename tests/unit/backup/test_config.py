@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from libs.common.settings import Settings
-from services.backup import crypto
 from services.backup.config import (
     BackupConfigError,
     foundry_schedule,
@@ -17,8 +16,10 @@ from services.backup.config import (
     retention_from_settings,
     store_from_settings,
 )
-from services.backup.runs import sqlite_path
-from services.backup.store import LocalStore, S3Store
+from services.backup.snapshots.database import sqlite_path
+from services.backup.stores import crypto
+from services.backup.stores.local import LocalStore
+from services.backup.stores.s3 import S3Store
 
 
 def test_local_store_by_default(tmp_path: Path) -> None:

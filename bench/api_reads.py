@@ -31,7 +31,7 @@ from libs.common.contract.cluster import ClusterSpec  # noqa: E402
 from libs.common.nats_server import EmbeddedNats, free_port  # noqa: E402
 from libs.common.settings import Settings  # noqa: E402
 from services.api.auth import service as auth  # noqa: E402
-from services.api.db import create_engine, migrate, session_factory  # noqa: E402
+from services.api.kit.db import create_engine, migrate, session_factory  # noqa: E402
 from services.api.models import Cluster  # noqa: E402
 from tests.support.processes import ADMIN_TOKEN, AUTH, kill_group, nest_process, wait_http  # noqa: E402
 

@@ -15,7 +15,7 @@ from libs.common.contract.backup_location import (
     LocationProbed,
     ProbeLocationRequest,
 )
-from services.api.problems import FieldError, InvalidInput, Unavailable
+from services.api.kit.problems import FieldError, InvalidInput, Unavailable
 from services.api.webhooks.targets import RefusedTarget, check_resolved, check_url
 
 PROBE_TIMEOUT_SECONDS = 30.0

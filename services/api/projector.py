@@ -6,8 +6,9 @@ one each made it CPU- and disk-bound at ~190 events/s). Handlers are registered 
 (`HANDLERS`), each taking a run of consecutive events of its type, so ordering across types is
 kept and a run of status events is applied with one read and one write per cluster.
 
-Delivery rules (DESIGN.md) hold per message: a malformed envelope or a payload that does not
-validate is dead-lettered at once; if the batch's transaction fails, its messages are applied
+Delivery rules (DESIGN.md) hold per message: a malformed envelope is dead-lettered at once, a
+payload that does not validate once it is in the history; if the batch's transaction fails, its
+messages are applied
 one by one, so only the message that fails is retried (nak with backoff) or, after
 `max_deliver`, dead-lettered; the rest commit. Events the API itself published (`source:
 /nest/api`) are already in the history (recorded with the write that caused them): they are
@@ -111,6 +112,8 @@ class Item:
     payload: Any
     sequence: int
     deliveries: int
+    invalid: str | None = None
+    """Why the payload does not validate: recorded in the history, then dead-lettered."""
 
 
 class Projector:
@@ -212,10 +215,10 @@ class Projector:
                 except Exception as error:
                     await self._failed(item, error)
                 else:
-                    await self._ack(item.msg)
+                    await self._settled(item)
             return
         for item in items:
-            await self._ack(item.msg)
+            await self._settled(item)
         with contextlib.suppress(Exception):
             await self.bus.nc.flush(timeout=5)
 
@@ -241,7 +244,7 @@ class Projector:
                     )
                 index = end
             await session.commit()
-        self.handled += len(items)
+        self.handled += sum(1 for item in items if item.invalid is None)
         self.batches += 1
 
     @staticmethod
@@ -261,14 +264,21 @@ class Projector:
                 msg, sequence, deliveries, "delivered more than max_deliver times"
             )
             return None
-        payload = None
+        payload, invalid = None, None
         if envelope.type in BY_TYPE:
             try:
                 payload = parse_payload(envelope)
             except ValidationError as exc:
-                await self._dead_letter(msg, sequence, deliveries, f"ValidationError: {exc}")
-                return None
-        return Item(msg, envelope, payload, sequence, deliveries)
+                invalid = f"ValidationError: {exc}"
+        return Item(msg, envelope, payload, sequence, deliveries, invalid)
+
+    async def _settled(self, item: Item) -> None:
+        """After the commit: ack, or dead-letter a payload that did not validate (it is in the
+        history, as every event is, but can never be projected)."""
+        if item.invalid is not None:
+            await self._dead_letter(item.msg, item.sequence, item.deliveries, item.invalid)
+        else:
+            await self._ack(item.msg)
 
     async def _failed(self, item: Item, exc: Exception) -> None:
         if item.deliveries >= self.max_deliver:

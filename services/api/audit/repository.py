@@ -21,7 +21,7 @@ _INSERT = sql(
 
 async def insert(session: Session, event: AuditEvent) -> None:
     """Lean: the audit row rides in the request's own transaction."""
-    await session.execute(
+    session.defer(
         _INSERT,
         {
             "id": event.id,

@@ -222,8 +222,9 @@ async def update(session: Session, row: ClusterRow) -> None:
 
 
 async def update_status(session: Session, row: ClusterRow) -> None:
+    """Deferred to the commit (the projector writes many rows: one round trip for all)."""
     db = session.db
-    await session.execute(
+    session.defer(
         _UPDATE_STATUS,
         {
             "id": row.id,

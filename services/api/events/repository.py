@@ -10,7 +10,7 @@ from sqlalchemy import ColumnElement, Select, and_, delete, not_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.api.events.filters import EventFilter
-from services.api.kit.db import Row, Session, sql
+from services.api.kit.db import Row, Session, Sql, sql
 from services.api.models import EventRecord
 
 APPEND_LOCK_KEY = 0x4E455354_0001
@@ -40,6 +40,54 @@ async def lock_for_append(session: Session) -> None:
         await session.lock()
     else:
         await session.returning(_LOCK, {"key": APPEND_LOCK_KEY})
+
+
+_COLUMNS = (
+    "id",
+    "type",
+    "source",
+    "subject",
+    "time",
+    "correlation_id",
+    "stream_sequence",
+    "envelope",
+    "recorded_at",
+)
+_INSERT_MANY: dict[int, Sql] = {}
+MAX_ROWS_PER_INSERT = 500
+
+
+def _insert_many(count: int) -> Sql:
+    statement = _INSERT_MANY.get(count)
+    if statement is None:
+        rows = ", ".join("(" + ", ".join(f":{c}{n}" for c in _COLUMNS) + ")" for n in range(count))
+        statement = _INSERT_MANY[count] = sql(
+            f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES {rows} "  # noqa: S608
+            "ON CONFLICT (id) DO NOTHING RETURNING id, position"
+        )
+    return statement
+
+
+async def insert_many(session: Session, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Store events unless their id is already stored, in one statement per 500; the new rows'
+    positions by event id (positions follow the order of `rows`)."""
+    db = session.db
+    positions: dict[str, int] = {}
+    for start in range(0, len(rows), MAX_ROWS_PER_INSERT):
+        chunk = rows[start : start + MAX_ROWS_PER_INSERT]
+        params: dict[str, Any] = {}
+        for n, values in enumerate(chunk):
+            encoded = {
+                **values,
+                "time": db.stamp(values["time"]),
+                "recorded_at": db.stamp(values["recorded_at"]),
+                "envelope": db.dumps(values["envelope"]),
+            }
+            for column in _COLUMNS:
+                params[f"{column}{n}"] = encoded[column]
+        for event_id, position in await session.returning(_insert_many(len(chunk)), params):
+            positions[str(event_id)] = int(position)
+    return positions
 
 
 async def insert_if_absent(session: Session, values: dict[str, Any]) -> int | None:

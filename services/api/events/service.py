@@ -138,11 +138,20 @@ class EventFeed:
             return []
         await repository.lock_for_append(session)
         now = utcnow()
+        fresh: dict[str, Envelope] = {}
+        for envelope, _ in events:
+            fresh.setdefault(envelope.id, envelope)
+        stored = await repository.insert_many(
+            session,
+            [
+                envelope_row(envelope, sequence, now)
+                for envelope, sequence in events
+                if fresh.get(envelope.id) is envelope
+            ],
+        )
         positions: list[int | None] = []
-        for envelope, sequence in events:
-            positions.append(
-                await repository.insert_if_absent(session, envelope_row(envelope, sequence, now))
-            )
+        for envelope, _ in events:
+            positions.append(stored.pop(envelope.id, None))
         recorded = [
             (position, envelope)
             for position, (envelope, _) in zip(positions, events, strict=True)

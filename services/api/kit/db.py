@@ -227,6 +227,7 @@ class Session:
         self.writing = False
         self._tx_open = False
         self._before: list[Hook] = []
+        self._deferred: list[tuple[Sql, dict[str, Any]]] = []
         self._after: list[Callable[[], None]] = []
         self.staged: list[tuple[str, Any]] = []
         """(NATS subject, envelope) to add to the outbox at commit (see kit.outbox.stage)."""
@@ -307,9 +308,44 @@ class Session:
         row = await self.fetchrow(statement, params)
         return None if row is None else row[0]
 
+    def _lean_sqlite(self) -> bool:
+        return self.db.sqlite and self._orm is None
+
+    async def _in_thread(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """SQLite: run `work(connection)` on the driver's thread in ONE round trip (aiosqlite's
+        queue, as SQLAlchemy's own adapter uses it), opening the transaction first if needed."""
+        driver = await self._writer()
+        opening = not self._tx_open
+
+        def run() -> Any:
+            conn: sqlite3.Connection = driver._conn
+            if opening:
+                conn.execute("BEGIN IMMEDIATE")
+            return work(conn)
+
+        try:
+            result = await driver._execute(run)
+        except _INTEGRITY_ERRORS as exc:
+            raise IntegrityError(str(exc)) from exc
+        finally:
+            if opening and driver._conn.in_transaction:
+                self.writing = self._tx_open = True
+        return result
+
+    def defer(self, statement: Sql, params: dict[str, Any]) -> None:
+        """A write whose result nobody needs: sent with the COMMIT (SQLite: in its round trip)."""
+        self._deferred.append((statement, params))
+
     async def execute(self, statement: Sql, params: dict[str, Any] | None = None) -> int:
         """Run a write in this unit of work's transaction; returns the rows it changed."""
         params = params or {}
+        if self._lean_sqlite():
+            bound = params
+
+            def one(conn: sqlite3.Connection) -> int:
+                return int(conn.execute(statement.text, bound).rowcount)
+
+            return int(await self._in_thread(one))
         driver = await self._begin()
         try:
             if self._orm is not None:
@@ -329,6 +365,14 @@ class Session:
 
     async def returning(self, statement: Sql, params: dict[str, Any] | None = None) -> list[Row]:
         """A write with RETURNING: its rows."""
+        if self._lean_sqlite():
+            bound = params or {}
+
+            def rows(conn: sqlite3.Connection) -> list[Row]:
+                return [tuple(r) for r in conn.execute(statement.text, bound).fetchall()]
+
+            result: list[Row] = await self._in_thread(rows)
+            return result
         await self._begin()
         return await self.fetch(statement, params)
 
@@ -350,7 +394,7 @@ class Session:
     @property
     def pending(self) -> bool:
         """Whether committing would write anything."""
-        return self.writing or bool(self.staged) or bool(self._before)
+        return self.writing or bool(self.staged) or bool(self._before) or bool(self._deferred)
 
     async def commit(self) -> None:
         """Run the hooks, COMMIT, then the after-commit callbacks. Nothing to write: no-op."""
@@ -358,6 +402,23 @@ class Session:
         self._before = []
         for hook in hooks:
             await hook(self)
+        deferred, self._deferred = self._deferred, []
+        if deferred and self._lean_sqlite():
+
+            def flush_and_commit(conn: sqlite3.Connection) -> None:
+                for statement, params in deferred:
+                    conn.execute(statement.text, params)
+                conn.commit()
+
+            try:
+                await self._in_thread(flush_and_commit)
+            except IntegrityError:
+                await self.rollback()
+                raise
+            self.writing = self._tx_open = False
+        else:
+            for statement, params in deferred:
+                await self.execute(statement, params)
         if self.writing:
             try:
                 if self._orm is not None:
@@ -380,6 +441,7 @@ class Session:
     async def rollback(self) -> None:
         """Undo the transaction; staged work and after-commit callbacks are dropped."""
         self._before, self._after, self.staged = [], [], []
+        self._deferred = []
         if not self.writing:
             return
         self.writing = False

@@ -95,7 +95,7 @@ class Outbox:
         now = self.db.stamp(utcnow())
         events: list[Envelope] = []
         for subject, envelope in session.staged:
-            await session.execute(
+            session.defer(
                 _INSERT,
                 {
                     "event_id": envelope.id,

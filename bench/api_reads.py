@@ -31,7 +31,7 @@ from libs.common.contract.cluster import ClusterSpec  # noqa: E402
 from libs.common.nats_server import EmbeddedNats, free_port  # noqa: E402
 from libs.common.settings import Settings  # noqa: E402
 from services.api.auth import service as auth  # noqa: E402
-from services.api.db import create_engine, migrate, session_factory  # noqa: E402
+from services.api.kit.db import Database, create_engine, migrate, session_factory  # noqa: E402
 from services.api.models import Cluster  # noqa: E402
 from tests.support.processes import ADMIN_TOKEN, AUTH, kill_group, nest_process, wait_http  # noqa: E402
 
@@ -159,16 +159,15 @@ def wrk(url: str, *, auth: bool = True, seconds: int = 10, connections: int = 16
 
 async def auth_cost_us(url: str) -> float:
     """Per-request cost of authentication on the hot path (a verified, cached token)."""
-    engine = create_engine(Settings(database_url=url).resolved_database_url)
-    sessions = session_factory(engine)
+    db = Database(Settings(database_url=url).resolved_database_url)
     cache = auth.TokenCache()
-    assert await auth.authenticate(sessions, cache, ADMIN_TOKEN) is not None
+    assert await auth.authenticate(db, cache, ADMIN_TOKEN) is not None
     n = 20000
     t0 = time.perf_counter()
     for _ in range(n):
-        await auth.authenticate(sessions, cache, ADMIN_TOKEN)
+        await auth.authenticate(db, cache, ADMIN_TOKEN)
     cost = (time.perf_counter() - t0) / n * 1e6
-    await engine.dispose()
+    await db.dispose()
     return cost
 
 

@@ -248,7 +248,7 @@ async def _record_restored(database_url: str, manifest: Manifest) -> str | None:
 
     from libs.common.contract.backup import BackupCompleted
     from services.api.backups import service as backups
-    from services.api.db import create_engine, session_factory
+    from services.api.kit.db import create_engine, session_factory
 
     event = BackupCompleted(
         target=manifest.target,
@@ -268,6 +268,7 @@ async def _record_restored(database_url: str, manifest: Manifest) -> str | None:
     try:
         async with session_factory(engine)() as session:
             await backups.apply_completed(session, event)
+            await session.commit()
     except SQLAlchemyError as exc:
         return f"the backup list was not updated ({type(exc).__name__}); the restore stands"
     finally:

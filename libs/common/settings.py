@@ -75,10 +75,11 @@ class Settings(BaseSettings):
     instance: str | None = None
     """A name for this process in heartbeats; default: hostname-pid."""
 
-    rate_limit_per_second: float = Field(default=500.0, gt=0)
-    """API requests per second allowed per token (per API replica), on average."""
+    rate_limit_per_second: float = Field(default=10_000.0, gt=0)
+    """API requests per second allowed per token (per API replica), on average; the default
+    stays above what one replica serves, so it never caps a single client below capacity."""
 
-    rate_limit_burst: int = Field(default=1000, ge=1)
+    rate_limit_burst: int = Field(default=20_000, ge=1)
     """API requests a token may make at once before the average rate applies."""
 
     # Provisioner

@@ -1,10 +1,12 @@
-"""Running the API process: resolve NATS (embedded if unset), then serve the app with uvicorn."""
+"""Running the API process: resolve NATS (embedded if unset), then serve the app with uvicorn on
+uvloop (`asyncio.run(server.serve())` would silently use the default loop)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import uvicorn
+import uvloop
 
 from libs.common.logging import configure_logging
 from libs.common.runner import resolve_nats
@@ -21,11 +23,14 @@ def run(settings: Settings) -> None:
             app,
             host=settings.api_host,
             port=settings.api_port,
+            loop="uvloop",
+            http="httptools",
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
             lifespan="on",
         )
-        asyncio.run(uvicorn.Server(config).serve())
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(uvicorn.Server(config).serve())
     finally:
         nats.stop()

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Query, Request
 from services.api.audit import service
 from services.api.audit.schemas import AuditEventRead
 from services.api.auth.dependencies import AdminDep
-from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
-from services.api.responses import ModelResponse
+from services.api.kit.paging import CursorQuery, LimitQuery, Page, link_header
+from services.api.kit.responses import ModelResponse
+from services.api.kit.unit_of_work import SessionDep
 
 router = APIRouter(prefix="/audit-events", tags=["audit"])
 

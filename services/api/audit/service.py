@@ -7,12 +7,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from services.api.audit import repository
 from services.api.audit.schemas import AuditEventRead
-from services.api.models import AuditEvent, utcnow
-from services.api.pagination import Cursor, Page
+from services.api.kit import paging
+from services.api.kit.clock import utcnow
+from services.api.kit.db import Database, Session
+from services.api.kit.paging import Page
+from services.api.models import AuditEvent
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def target_of(method: str, path: str, location: str | None) -> Target | None:
     return Target(resource=resource, resource_id=resource_id, action=action[:64])
 
 
-async def record(
-    sessions: async_sessionmaker[AsyncSession],
+async def add(
+    session: Session,
     *,
     method: str,
     path: str,
@@ -60,24 +61,49 @@ async def record(
     token_name: str | None,
     correlation_id: str | None,
 ) -> None:
-    """Store one entry. Never raises: an audit failure is logged, the response is already sent."""
+    """Add one entry to the unit of work (written in its transaction)."""
+    await repository.insert(
+        session,
+        AuditEvent(
+            id=str(uuid.uuid4()),
+            time=utcnow(),
+            token_id=token_id,
+            token_name=token_name,
+            method=method,
+            path=path[:512],
+            resource=target.resource[:64],
+            resource_id=(target.resource_id or None) and target.resource_id[:64],
+            action=target.action,
+            status=status,
+            correlation_id=correlation_id,
+        ),
+    )
+
+
+async def record(
+    db: Database,
+    *,
+    method: str,
+    path: str,
+    target: Target,
+    status: int,
+    token_id: str | None,
+    token_name: str | None,
+    correlation_id: str | None,
+) -> None:
+    """Store one entry in a transaction of its own. Never raises: an audit failure is logged,
+    the response is already sent."""
     try:
-        async with sessions() as session:
-            repository.add(
+        async with db.session() as session:
+            await add(
                 session,
-                AuditEvent(
-                    id=str(uuid.uuid4()),
-                    time=utcnow(),
-                    token_id=token_id,
-                    token_name=token_name,
-                    method=method,
-                    path=path[:512],
-                    resource=target.resource[:64],
-                    resource_id=(target.resource_id or None) and target.resource_id[:64],
-                    action=target.action,
-                    status=status,
-                    correlation_id=correlation_id,
-                ),
+                method=method,
+                path=path,
+                target=target,
+                status=status,
+                token_id=token_id,
+                token_name=token_name,
+                correlation_id=correlation_id,
             )
             await session.commit()
     except Exception:
@@ -96,7 +122,7 @@ def to_read(row: AuditEvent) -> AuditEventRead:
 
 
 async def list_events(
-    session: AsyncSession,
+    session: Session,
     *,
     limit: int,
     cursor: str | None,
@@ -105,22 +131,14 @@ async def list_events(
     since: datetime | None,
     until: datetime | None,
 ) -> Page[AuditEventRead]:
-    after = None
-    if cursor:
-        position = Cursor.decode(cursor)
-        after = (position.created_at, position.id)
     since, until = _aware(since), _aware(until)
     rows = await repository.list_page(
-        session,
+        await session.orm(),
         limit=limit,
-        after=after,
+        after=paging.after(cursor),
         resource=resource,
         resource_id=resource_id,
         since=since,
         until=until,
     )
-    following = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        following = Cursor(created_at=last.time, id=last.id).encode()
-    return Page[AuditEventRead](items=[to_read(r) for r in rows[:limit]], next=following)
+    return paging.page_of(rows, limit, to_read, lambda row: (row.time, row.id))

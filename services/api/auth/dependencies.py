@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.api.auth.schemas import Scope
 from services.api.auth.service import Principal, authenticate
-from services.api.problems import ProblemError
+from services.api.kit.problems import ProblemError
 
 bearer = HTTPBearer(auto_error=False, description="An API token: `Authorization: Bearer nest_…`")
 
@@ -39,7 +39,7 @@ def require(scope: Scope) -> object:
         if credentials is None or not credentials.credentials:
             raise Unauthenticated("an API token is required: Authorization: Bearer <token>")
         principal = await authenticate(
-            request.app.state.sessions, request.app.state.token_cache, credentials.credentials
+            request.app.state.db, request.app.state.token_cache, credentials.credentials
         )
         if principal is None:
             raise Unauthenticated("the token is unknown, expired or revoked")

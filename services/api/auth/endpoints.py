@@ -9,10 +9,10 @@ from fastapi import APIRouter, Path, Request, status
 from services.api.auth import service
 from services.api.auth.dependencies import AdminDep
 from services.api.auth.schemas import TokenCreate, TokenCreated, TokenRead
-from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
-from services.api.problems import Problem
-from services.api.responses import ModelResponse
+from services.api.kit.paging import CursorQuery, LimitQuery, Page, link_header
+from services.api.kit.problems import Problem
+from services.api.kit.responses import ModelResponse
+from services.api.kit.unit_of_work import SessionDep
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
 

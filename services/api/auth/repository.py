@@ -3,19 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.api.kit.db import Session, sql
+from services.api.kit.paging import After, keyset
 from services.api.models import ApiToken, SystemFlag
 
 
-async def by_hash(session: AsyncSession, token_hash: str) -> ApiToken | None:
-    result: ApiToken | None = await session.scalar(
-        select(ApiToken).where(ApiToken.token_hash == token_hash)
+@dataclass(frozen=True)
+class TokenCheck:
+    """What authenticating a token needs of its row."""
+
+    id: str
+    name: str
+    scope: str
+    expires_at: datetime
+    revoked_at: datetime | None
+
+
+_BY_HASH = sql(
+    "SELECT id, name, scope, expires_at, revoked_at FROM api_tokens WHERE token_hash = :hash"
+)
+
+
+async def by_hash(session: Session, token_hash: str) -> TokenCheck | None:
+    row = await session.fetchrow(_BY_HASH, {"hash": token_hash})
+    if row is None:
+        return None
+    db = session.db
+    return TokenCheck(
+        str(row[0]), str(row[1]), str(row[2]), db.moment(row[3]), db.moment_or_none(row[4])
     )
-    return result
 
 
 async def get(session: AsyncSession, token_id: str) -> ApiToken | None:
@@ -28,17 +50,11 @@ def add(session: AsyncSession, token: ApiToken) -> None:
 
 
 async def list_page(
-    session: AsyncSession, *, limit: int, after: tuple[datetime, str] | None
+    session: AsyncSession, *, limit: int, after: After | None
 ) -> Sequence[ApiToken]:
     query = select(ApiToken).order_by(ApiToken.created_at, ApiToken.id).limit(limit + 1)
-    if after is not None:
-        created, ident = after
-        query = query.where(
-            or_(
-                ApiToken.created_at > created,
-                and_(ApiToken.created_at == created, ApiToken.id > ident),
-            )
-        )
+    if (condition := keyset(ApiToken.created_at, ApiToken.id, after)) is not None:
+        query = query.where(condition)
     return (await session.scalars(query)).all()
 
 

@@ -11,7 +11,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.auth import repository, tokens
 from services.api.auth.schemas import (
@@ -22,9 +21,11 @@ from services.api.auth.schemas import (
     TokenSpec,
     TokenStatus,
 )
+from services.api.kit import paging
+from services.api.kit.db import Database, Session
+from services.api.kit.paging import Page
+from services.api.kit.problems import NotFound
 from services.api.models import ApiToken, utcnow
-from services.api.pagination import Cursor, Page
-from services.api.problems import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +96,13 @@ class TokenCache:
                 del self._entries[key]
 
 
-async def authenticate(
-    sessions: async_sessionmaker[AsyncSession], cache: TokenCache, token: str
-) -> Principal | None:
+async def authenticate(db: Database, cache: TokenCache, token: str) -> Principal | None:
     """The principal for a bearer token, or None if unknown, expired or revoked."""
     token_hash = tokens.digest(token)
     hit, principal = cache.get(token_hash)
     if hit:
         return principal
-    async with sessions() as session:
+    async with db.session() as session:
         row = await repository.by_hash(session, token_hash)
     now = utcnow()
     if row is None or row.revoked_at is not None or row.expires_at <= now:
@@ -133,60 +132,60 @@ def _new_row(
     )
 
 
-async def create(session: AsyncSession, body: TokenCreate, creator: Principal) -> TokenCreated:
+async def create(session: Session, body: TokenCreate, creator: Principal) -> TokenCreated:
     secret = tokens.generate()
     row = _new_row(
         body.name, body.spec.scope, body.spec.expires_in_days, secret, creator.token_id, body.labels
     )
-    repository.add(session, row)
-    await session.commit()
+    orm = await session.orm()
+    repository.add(orm, row)
+    await orm.flush()
     log.info("token created", extra={"tokenId": row.id, "scope": row.scope})
     return TokenCreated(**to_read(row).model_dump(), token=secret)
 
 
-async def get(session: AsyncSession, token_id: str) -> TokenRead:
-    row = await repository.get(session, token_id)
+def _not_found(token_id: str) -> NotFound:
+    return NotFound(
+        f"token {token_id!r} not found by id (token names need not be unique); "
+        "GET /api/v1/tokens lists them"
+    )
+
+
+async def get(session: Session, token_id: str) -> TokenRead:
+    row = await repository.get(await session.orm(), token_id)
     if row is None:
-        raise NotFound(f"token {token_id!r} does not exist")
+        raise _not_found(token_id)
     return to_read(row)
 
 
-async def list_tokens(session: AsyncSession, *, limit: int, cursor: str | None) -> Page[TokenRead]:
-    after = None
-    if cursor:
-        position = Cursor.decode(cursor)
-        after = (position.created_at, position.id)
-    rows = await repository.list_page(session, limit=limit, after=after)
-    following = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        following = Cursor(created_at=last.created_at, id=last.id).encode()
-    return Page[TokenRead](items=[to_read(r) for r in rows[:limit]], next=following)
+async def list_tokens(session: Session, *, limit: int, cursor: str | None) -> Page[TokenRead]:
+    rows = await repository.list_page(await session.orm(), limit=limit, after=paging.after(cursor))
+    return paging.page_of(rows, limit, to_read, paging.by_created)
 
 
-async def revoke(session: AsyncSession, token_id: str, cache: TokenCache) -> TokenRead:
-    row = await repository.get(session, token_id)
+async def revoke(session: Session, token_id: str, cache: TokenCache) -> TokenRead:
+    orm = await session.orm()
+    row = await repository.get(orm, token_id)
     if row is None:
-        raise NotFound(f"token {token_id!r} does not exist")
+        raise _not_found(token_id)
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         row.updated_at = row.revoked_at
-        await session.commit()
+        await orm.flush()
         log.info("token revoked", extra={"tokenId": row.id})
-    cache.evict_token(row.id)
+    # Evicted once the revocation has committed (until then the token still works).
+    session.after_commit(lambda: cache.evict_token(row.id))
     return to_read(row)
 
 
-async def bootstrap_admin(
-    sessions: async_sessionmaker[AsyncSession], data_dir: Path, given: str | None
-) -> Path | None:
+async def bootstrap_admin(db: Database, data_dir: Path, given: str | None) -> Path | None:
     """At the first start, create the initial admin token; returns the file it was written to.
 
     With NEST_ADMIN_TOKEN set, that string becomes the token and nothing is written. Otherwise a
     token is generated and written to <data dir>/admin-token (mode 0600), never logged. A flag
     row makes this happen once per installation, also with several API replicas starting.
     """
-    async with sessions() as session:
+    async with db.orm_sessions() as session:
         if await repository.flag_exists(session, INITIAL_ADMIN_FLAG):
             return None
         secret = given or tokens.generate()

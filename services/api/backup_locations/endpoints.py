@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Path, Request, Response, status
+from fastapi import APIRouter, Body, Path, Request, Response, status
 
-from libs.common.bus import Bus
-from libs.common.secrets import Sealer
 from services.api.auth.dependencies import AdminDep
 from services.api.backup_locations import service
 from services.api.backup_locations.schemas import (
@@ -15,39 +13,25 @@ from services.api.backup_locations.schemas import (
     BackupLocationPatch,
     BackupLocationRead,
 )
-from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
-from services.api.problems import Problem
-from services.api.responses import ModelResponse
+from services.api.kit.dependencies import BusDep, SealerDep
+from services.api.kit.errors import errors
+from services.api.kit.paging import CursorQuery, LimitQuery, Page, link_header
+from services.api.kit.responses import ModelResponse
+from services.api.kit.unit_of_work import SessionDep
 
 router = APIRouter(prefix="/backup-locations", tags=["backups"])
 
 
-def _bus(request: Request) -> Bus:
-    bus: Bus = request.app.state.bus
-    return bus
-
-
-def _sealer(request: Request) -> Sealer:
-    sealer: Sealer = request.app.state.sealer
-    return sealer
-
-
-BusDep = Annotated[Bus, Depends(_bus)]
-SealerDep = Annotated[Sealer, Depends(_sealer)]
-LocationId = Annotated[str, Path(description="The backup location's id.", max_length=64)]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": Problem, "description": "No such backup location."},
-    422: {"model": Problem, "description": "Invalid input; `errors` names each field."},
-}
-CHECKED: dict[int | str, dict[str, Any]] = {
-    422: {
-        "model": Problem,
-        "description": "Invalid input, or the live check failed; `errors` names the field "
-        "(e.g. `spec.bucket`, `spec.secretAccessKey`, `spec.endpointUrl`).",
-    },
-    503: {"model": Problem, "description": "No backup service answered the live check."},
-}
+LocationId = Annotated[
+    str, Path(description="The backup location's id, or its name.", max_length=64)
+]
+NOT_FOUND = "No backup location has this id, nor this name."
+CHECKED_INVALID = (
+    "Invalid input, or the live check failed; `errors` names the field "
+    "(e.g. `spec.bucket`, `spec.secretAccessKey`, `spec.endpointUrl`)."
+)
+UNAVAILABLE = "No backup service answered the live check."
+ERRORS = errors(not_found=NOT_FOUND)
 
 
 @router.post(
@@ -56,7 +40,9 @@ CHECKED: dict[int | str, dict[str, Any]] = {
     response_model=BackupLocationRead,
     operation_id="createBackupLocation",
     summary="Create a backup location",
-    responses={409: {"model": Problem, "description": "The name is taken."}, **CHECKED},
+    responses=errors(
+        conflict="The name is taken.", invalid=CHECKED_INVALID, unavailable=UNAVAILABLE
+    ),
 )
 async def create_backup_location(
     body: BackupLocationCreate,
@@ -111,7 +97,7 @@ async def get_backup_location(
     response_model=BackupLocationRead,
     operation_id="updateBackupLocation",
     summary="Change a backup location (JSON merge patch)",
-    responses={**ERRORS, **CHECKED},
+    responses=errors(not_found=NOT_FOUND, invalid=CHECKED_INVALID, unavailable=UNAVAILABLE),
 )
 async def patch_backup_location(
     location_id: LocationId,
@@ -130,7 +116,7 @@ async def patch_backup_location(
     status_code=status.HTTP_204_NO_CONTENT,
     operation_id="deleteBackupLocation",
     summary="Delete a backup location",
-    responses=ERRORS,
+    responses=errors(not_found=NOT_FOUND, conflict="A backup policy uses the location."),
 )
 async def delete_backup_location(
     location_id: LocationId, session: SessionDep, admin: AdminDep

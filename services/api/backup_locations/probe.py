@@ -17,7 +17,7 @@ from libs.common.contract.backup_location import (
 )
 from libs.common.egress import EgressRefused as RefusedTarget
 from libs.common.egress import check_resolved, check_url
-from services.api.problems import FieldError, InvalidInput, Unavailable
+from services.api.kit.problems import FieldError, InvalidInput, Unavailable
 
 PROBE_TIMEOUT_SECONDS = 30.0
 

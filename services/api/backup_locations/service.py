@@ -6,12 +6,10 @@ import logging
 import uuid
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common.bus import Bus
-from libs.common.contract import envelope_for
 from libs.common.contract.backup_location import BackupLocationSpec
 from libs.common.contract.backup_policy import (
     ApplyBackupLocation,
@@ -19,8 +17,6 @@ from libs.common.contract.backup_policy import (
     SealedBackupLocation,
     SealedLocationSpec,
 )
-from libs.common.contract.cluster import validate_labels
-from libs.common.logging import correlation_id
 from libs.common.secrets import Sealer
 from services.api.backup_locations import probe, repository
 from services.api.backup_locations.schemas import (
@@ -30,12 +26,12 @@ from services.api.backup_locations.schemas import (
     BackupLocationSpecRead,
 )
 from services.api.backup_policies import service as policies
-from services.api.merge_patch import merge_patch
+from services.api.kit import outbox, paging
+from services.api.kit.db import Session
+from services.api.kit.paging import Page
+from services.api.kit.patch import check_name_unchanged, patched_labels, patched_spec
+from services.api.kit.problems import Conflict, NotFound
 from services.api.models import BackupLocation, utcnow
-from services.api.outbox import repository as outbox
-from services.api.pagination import Cursor, Page
-from services.api.problems import Conflict, FieldError, InvalidInput, NotFound
-from services.api.problems import invalid_from_validation as _invalid
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +68,11 @@ def full_spec(row: BackupLocation, sealer: Sealer) -> BackupLocationSpec:
     return BackupLocationSpec.model_validate(spec)
 
 
-def _stage(session: AsyncSession, payload: ApplyBackupLocation | DeleteBackupLocation) -> None:
-    subject, envelope = envelope_for(
-        payload, source="api", subject=payload.location_id, correlation_id=correlation_id.get()
-    )
-    outbox.add(session, subject, envelope)
+def _stage(session: Session, payload: ApplyBackupLocation | DeleteBackupLocation) -> None:
+    outbox.stage(session, payload, subject=payload.location_id)
 
 
-def stage_apply(session: AsyncSession, row: BackupLocation) -> None:
+def stage_apply(session: Session, row: BackupLocation) -> None:
     """Stage the location for the backup service: the spec without the secret, which travels
     sealed exactly as stored (never in clear on the bus)."""
     _stage(
@@ -96,31 +89,33 @@ def stage_apply(session: AsyncSession, row: BackupLocation) -> None:
     )
 
 
-async def _commit(session: AsyncSession, name: str) -> None:
+async def _flush(session: AsyncSession, name: str) -> None:
     try:
-        await session.commit()
+        await session.flush()
     except IntegrityError:
-        await session.rollback()
         raise Conflict(f"a backup location named {name!r} already exists") from None
 
 
-async def _require(session: AsyncSession, location_id: str) -> BackupLocation:
-    row = await repository.get(session, location_id)
+async def _require(session: Session, location_id: str) -> BackupLocation:
+    orm = await session.orm()
+    row = await repository.get(orm, location_id) or await repository.get_by_name(orm, location_id)
     if row is None:
-        raise NotFound(f"backup location {location_id!r} does not exist")
+        raise NotFound(
+            f"backup location {location_id!r} does not exist (looked up by id, then by name)"
+        )
     return row
 
 
-async def exists(session: AsyncSession, location_id: str) -> bool:
-    return await repository.get(session, location_id) is not None
-
-
 async def create(
-    session: AsyncSession, bus: Bus, sealer: Sealer, body: BackupLocationCreate
+    session: Session, bus: Bus, sealer: Sealer, body: BackupLocationCreate
 ) -> BackupLocationRead:
-    if await repository.get_by_name(session, body.name) is not None:
+    orm = await session.orm()
+    if await repository.get_by_name(orm, body.name) is not None:
         raise Conflict(f"a backup location named {body.name!r} already exists")
+    # The probe may take seconds: no connection is held meanwhile.
+    await session.close()
     await probe.probe(bus, body.spec)
+    orm = await session.orm()
     location_id = str(uuid.uuid4())
     secret = body.spec.secret_access_key
     sealed = sealer.seal(secret, context=_context(location_id)) if secret else None
@@ -138,75 +133,53 @@ async def create(
             created_at=now,
             updated_at=now,
         )
-        repository.add(session, row)
+        repository.add(orm, row)
         stage_apply(session, row)
         return row
 
     row = stage()
+    await _flush(orm, body.name)
     default = await policies.add_default_if_none(session, location_id)
-    try:
-        await session.commit()
-    except IntegrityError:
-        await session.rollback()
-        if default is None:
-            raise Conflict(f"a backup location named {body.name!r} already exists") from None
-        # Another location created at the same instant brought the `default` policy first
-        # (its name is unique): keep that one, store this location without it.
-        row = stage()
-        await _commit(session, body.name)
+    if default is not None:
+        try:
+            await orm.flush()
+        except IntegrityError:
+            # Another location created at the same instant brought the `default` policy first
+            # (its name is unique): keep that one, store this location without it.
+            await session.rollback()
+            orm = await session.orm()
+            row = stage()
+            await _flush(orm, body.name)
     log.info("backup location created", extra={"locationId": row.id, "location": row.name})
     return to_read(row)
 
 
-async def get(session: AsyncSession, location_id: str) -> BackupLocationRead:
+async def get(session: Session, location_id: str) -> BackupLocationRead:
     return to_read(await _require(session, location_id))
 
 
 async def list_locations(
-    session: AsyncSession, *, limit: int, cursor: str | None
+    session: Session, *, limit: int, cursor: str | None
 ) -> Page[BackupLocationRead]:
-    after = None
-    if cursor:
-        position = Cursor.decode(cursor)
-        after = (position.created_at, position.id)
-    rows = await repository.list_page(session, limit=limit, after=after)
-    following = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        following = Cursor(created_at=last.created_at, id=last.id).encode()
-    return Page[BackupLocationRead](items=[to_read(r) for r in rows[:limit]], next=following)
+    rows = await repository.list_page(await session.orm(), limit=limit, after=paging.after(cursor))
+    return paging.page_of(rows, limit, to_read, paging.by_created)
 
 
 async def patch(
-    session: AsyncSession, bus: Bus, sealer: Sealer, location_id: str, body: BackupLocationPatch
+    session: Session, bus: Bus, sealer: Sealer, location_id: str, body: BackupLocationPatch
 ) -> BackupLocationRead:
     row = await _require(session, location_id)
-    if body.name is not None and body.name != row.name:
-        raise InvalidInput(
-            "name cannot be changed",
-            errors=[FieldError(field="name", message="cannot be changed after creation")],
-        )
+    check_name_unchanged(row.name, body.name)
     changed = False
-    if body.labels is not None:
-        labels = merge_patch(dict(row.labels), body.labels)
-        try:
-            validate_labels(labels)
-        except ValueError as exc:
-            raise InvalidInput(
-                f"invalid input: labels: {exc}",
-                errors=[FieldError(field="labels", message=str(exc))],
-            ) from None
-        if labels != row.labels:
-            row.labels = labels
-            changed = True
+    labels = patched_labels(dict(row.labels), body.labels)
+    if labels is not None:
+        row.labels = labels
+        changed = True
     if body.spec is not None:
         current = full_spec(row, sealer)
-        try:
-            spec = BackupLocationSpec.model_validate(
-                merge_patch(current.model_dump(mode="json", by_alias=True), body.spec)
-            )
-        except ValidationError as exc:
-            raise _invalid(exc, prefix=("spec",)) from None
+        spec = patched_spec(
+            BackupLocationSpec, current.model_dump(mode="json", by_alias=True), body.spec
+        )
         if spec != current:
             await probe.probe(bus, spec)
             secret = spec.secret_access_key
@@ -218,12 +191,12 @@ async def patch(
             changed = True
     if changed:
         row.updated_at = utcnow()
-        await session.commit()
+        await (await session.orm()).flush()
         log.info("backup location changed", extra={"locationId": row.id, "location": row.name})
     return to_read(row)
 
 
-async def delete(session: AsyncSession, location_id: str) -> None:
+async def delete(session: Session, location_id: str) -> None:
     row = await _require(session, location_id)
     users = await policies.names_using_location(session, location_id)
     if users:
@@ -233,9 +206,7 @@ async def delete(session: AsyncSession, location_id: str) -> None:
             "point them elsewhere or delete them first"
         )
     _stage(session, DeleteBackupLocation(location_id=row.id, generation=row.generation))
-    await repository.remove(session, location_id)
     try:
-        await session.commit()
+        await repository.remove(await session.orm(), row.id)
     except IntegrityError:
-        await session.rollback()
         raise Conflict(f"backup location {row.name!r} was just given to a backup policy") from None

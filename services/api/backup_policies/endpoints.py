@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Request, Response, status
+from fastapi import APIRouter, Body, Path, Request, Response, status
 
 from services.api.auth.dependencies import AdminDep, ViewerDep
 from services.api.backup_policies import service
@@ -13,51 +13,30 @@ from services.api.backup_policies.schemas import (
     BackupPolicyPatch,
     BackupPolicyRead,
 )
-from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
-from services.api.problems import Problem
-from services.api.responses import ModelResponse
+from services.api.kit.errors import errors
+from services.api.kit.etag import IfMatch
+from services.api.kit.paging import CursorQuery, LimitQuery, Page, link_header
+from services.api.kit.responses import ModelResponse, resource_response
+from services.api.kit.unit_of_work import SessionDep
 
 router = APIRouter(prefix="/backup-policies", tags=["backups"])
 
-PolicyId = Annotated[str, Path(description="The backup policy's id.", max_length=64)]
-IfMatch = Annotated[
-    str | None,
-    Header(
-        alias="If-Match",
-        max_length=1024,
-        description="Apply only if the policy's ETag is one of these (or `*`); else 412.",
-    ),
-]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "No valid token."},
-    403: {"model": Problem, "description": "The token's scope is too low."},
-    404: {"model": Problem, "description": "No such backup policy."},
-    422: {
-        "model": Problem,
-        "description": "Invalid input; `errors` names each field (e.g. `spec.schedule`, "
-        "`spec.locationId`, `spec.targets.clusterIds.0`).",
-    },
-}
-WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
-    **ERRORS,
-    412: {"model": Problem, "description": "If-Match did not match the current ETag."},
-}
-
-
-def _notify(request: Request) -> service.Notify:
-    relay = request.app.state.relay
-    return relay.notify  # type: ignore[no-any-return]
-
-
-NotifyDep = Annotated[service.Notify, Depends(_notify)]
+PolicyId = Annotated[str, Path(description="The backup policy's id, or its name.", max_length=64)]
+NOT_FOUND = "No backup policy has this id, nor this name."
+INVALID = (
+    "Invalid input; `errors` names each field (e.g. `spec.schedule`, `spec.locationId`, "
+    "`spec.targets.clusterIds.0`)."
+)
+ERRORS = errors(not_found=NOT_FOUND, invalid=INVALID)
+WRITE_ERRORS = errors(not_found=NOT_FOUND, invalid=INVALID, precondition=True)
 
 
 def _policy_response(policy: BackupPolicyRead, status_code: int = 200) -> ModelResponse:
-    headers = {"ETag": service.etag(policy.resource_version)}
-    if status_code == status.HTTP_201_CREATED:
-        headers["Location"] = f"/api/v1/backup-policies/{policy.id}"
-    return ModelResponse(policy, status_code, headers=headers)
+    created = status_code == status.HTTP_201_CREATED
+    location = f"/api/v1/backup-policies/{policy.id}" if created else None
+    return resource_response(
+        policy, status_code, location=location, version=policy.resource_version
+    )
 
 
 @router.post(
@@ -66,10 +45,7 @@ def _policy_response(policy: BackupPolicyRead, status_code: int = 200) -> ModelR
     response_model=BackupPolicyRead,
     operation_id="createBackupPolicy",
     summary="Create a backup policy",
-    responses={
-        **{k: v for k, v in ERRORS.items() if k != 404},
-        409: {"model": Problem, "description": "The name is taken."},
-    },
+    responses=errors(conflict="The name is taken.", invalid=INVALID),
 )
 async def create_backup_policy(
     body: Annotated[
@@ -93,14 +69,13 @@ async def create_backup_policy(
         ),
     ],
     session: SessionDep,
-    notify: NotifyDep,
     admin: AdminDep,
 ) -> ModelResponse:
     """Back up the targets on the cron schedule (UTC) to the location, keeping what retention
     says; the backup service schedules from it at once. An event reports a target that has no
     successful backup within the RPO (`rpoMinutes`, default twice the longest gap between two
     firings), and restore drills run on `drillSchedule`."""
-    return _policy_response(await service.create(session, body, notify), status.HTTP_201_CREATED)
+    return _policy_response(await service.create(session, body), status.HTTP_201_CREATED)
 
 
 @router.get(
@@ -108,7 +83,7 @@ async def create_backup_policy(
     response_model=Page[BackupPolicyRead],
     operation_id="listBackupPolicies",
     summary="List backup policies",
-    responses={k: v for k, v in ERRORS.items() if k != 404},
+    responses=errors(),
 )
 async def list_backup_policies(
     request: Request,
@@ -160,13 +135,12 @@ async def patch_backup_policy(
         ),
     ],
     session: SessionDep,
-    notify: NotifyDep,
     admin: AdminDep,
     if_match: IfMatch = None,
 ) -> ModelResponse:
     """Merge `labels` and `spec` into the policy; a spec change bumps `generation` and reaches
     the backup service's schedules."""
-    return _policy_response(await service.patch(session, policy_id, body, notify, if_match))
+    return _policy_response(await service.patch(session, policy_id, body, if_match))
 
 
 @router.delete(
@@ -179,10 +153,9 @@ async def patch_backup_policy(
 async def delete_backup_policy(
     policy_id: PolicyId,
     session: SessionDep,
-    notify: NotifyDep,
     admin: AdminDep,
     if_match: IfMatch = None,
 ) -> Response:
     """Stop scheduling the policy's backups; backups already stored stay where they are."""
-    await service.delete(session, policy_id, notify, if_match)
+    await service.delete(session, policy_id, if_match)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

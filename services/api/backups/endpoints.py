@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from services.api.auth.dependencies import OperatorDep, ViewerDep
 from services.api.backups import service
 from services.api.backups.schemas import BackupAccepted, BackupRead, BackupRequest, BackupState
-from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
-from services.api.problems import Problem
-from services.api.responses import ModelResponse
+from services.api.kit.errors import errors
+from services.api.kit.paging import CursorQuery, LimitQuery, Page, link_header
+from services.api.kit.responses import ModelResponse
+from services.api.kit.unit_of_work import SessionDep
 
 router = APIRouter(prefix="/backups", tags=["backups"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "No valid token."},
-    403: {"model": Problem, "description": "The token's scope is too low."},
-    422: {"model": Problem, "description": "Invalid input; `errors` names each field."},
-}
-
-
-def _notify(request: Request) -> service.Notify:
-    relay = request.app.state.relay
-    return relay.notify  # type: ignore[no-any-return]
-
-
-NotifyDep = Annotated[service.Notify, Depends(_notify)]
+ERRORS = errors()
 
 
 @router.post(
@@ -37,13 +25,10 @@ NotifyDep = Annotated[service.Notify, Depends(_notify)]
     response_model=BackupAccepted,
     operation_id="createBackup",
     summary="Back up the Foundry DB or a cluster now",
-    responses={
-        **ERRORS,
-        409: {"model": Problem, "description": "The cluster is being deleted."},
-    },
+    responses=errors(conflict="The cluster is being deleted."),
 )
 async def create_backup(
-    body: BackupRequest, session: SessionDep, operator: OperatorDep, notify: NotifyDep
+    body: BackupRequest, session: SessionDep, operator: OperatorDep
 ) -> Response:
     """Stage a RunBackup intent; the backup service runs it and reports backup events.
 
@@ -51,7 +36,7 @@ async def create_backup(
     `locationId` writes it to a backup location; neither uses the default. The backup then
     appears in `GET /api/v1/backups`, `Running` until it is `Completed` or `Failed`.
     """
-    accepted = await service.request_backup(session, body, notify)
+    accepted = await service.request_backup(session, body)
     return ModelResponse(accepted, status.HTTP_202_ACCEPTED)
 
 
@@ -105,7 +90,7 @@ async def list_backups(
     response_model=BackupRead,
     operation_id="getBackup",
     summary="Get a backup",
-    responses={**ERRORS, 404: {"model": Problem, "description": "No such backup."}},
+    responses=errors(not_found="No backup has this id."),
 )
 async def get_backup(
     backup_id: Annotated[str, Path(max_length=64, description="The backup's id.")],

@@ -16,10 +16,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from libs.common.contract import envelope_for
 from libs.common.contract.backup import (
     BackupCompleted,
     BackupFailed,
@@ -28,21 +26,19 @@ from libs.common.contract.backup import (
     DrillPassed,
     RunBackup,
 )
-from libs.common.logging import correlation_id
 from services.api.backup_locations import repository as locations
 from services.api.backup_policies import repository as policies
 from services.api.backups import repository
 from services.api.backups.schemas import BackupAccepted, BackupRead, BackupRequest, DrillResult
 from services.api.clusters import repository as clusters
+from services.api.kit import outbox, paging
+from services.api.kit.db import Session
+from services.api.kit.paging import Page
+from services.api.kit.problems import Conflict, FieldError, InvalidInput, NotFound
 from services.api.models import Backup, utcnow
-from services.api.outbox import repository as outbox
-from services.api.pagination import Cursor, Page
-from services.api.problems import Conflict, FieldError, InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 
-SOURCE = "api"
-Notify = Callable[[], None]
 
 _NAME = re.compile(r"^(?P<ts>\d{8}T\d{6}Z)-[a-z0-9]{8,32}$")
 _TARGET = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,126}[a-z0-9])?$")
@@ -66,15 +62,14 @@ async def _check_policy(session: AsyncSession, policy_id: str) -> None:
         raise _invalid("policyId", f"backup policy {policy_id!r} does not exist")
 
 
-async def request_backup(
-    session: AsyncSession, body: BackupRequest, notify: Notify
-) -> BackupAccepted:
+async def request_backup(session: Session, body: BackupRequest) -> BackupAccepted:
     if body.policy_id is not None and body.location_id is not None:
         raise _invalid("locationId", "give policyId or locationId, not both")
+    orm = await session.orm()
     if body.policy_id is not None:
-        await _check_policy(session, body.policy_id)
+        await _check_policy(orm, body.policy_id)
     if body.location_id is not None and (
-        not _storable(body.location_id) or await locations.get(session, body.location_id) is None
+        not _storable(body.location_id) or await locations.get(orm, body.location_id) is None
     ):
         raise _invalid("locationId", f"backup location {body.location_id!r} does not exist")
     if body.target == "cluster":
@@ -99,12 +94,7 @@ async def request_backup(
             policy_id=body.policy_id,
             location_id=body.location_id,
         )
-    subject, envelope = envelope_for(
-        intent, source=SOURCE, subject=intent.target, correlation_id=correlation_id.get()
-    )
-    outbox.add(session, subject, envelope)
-    await session.commit()
-    notify()
+    envelope = outbox.stage(session, intent, subject=intent.target)
     log.info("backup requested", extra={"target": intent.target, "intentId": envelope.id})
     return BackupAccepted(
         intent_id=envelope.id,
@@ -151,15 +141,16 @@ def to_read(row: Backup) -> BackupRead:
     )
 
 
-async def get(session: AsyncSession, backup_id: str) -> BackupRead:
-    row = await repository.get(session, backup_id) if _storable(backup_id) else None
+async def get(session: Session, backup_id: str) -> BackupRead:
+    orm = await session.orm()
+    row = await repository.get(orm, backup_id) if _storable(backup_id) else None
     if row is None:
         raise NotFound(f"backup {backup_id!r} not found")
     return to_read(row)
 
 
 async def list_backups(
-    session: AsyncSession,
+    session: Session,
     *,
     limit: int,
     cursor: str | None,
@@ -169,14 +160,11 @@ async def list_backups(
     location_id: str | None = None,
     state: str | None = None,
 ) -> Page[BackupRead]:
-    after = None
-    if cursor:
-        position = Cursor.decode(cursor)
-        after = (position.created_at, position.id)
+    after = paging.after(cursor)
     if not _storable(target, cluster_id, policy_id, location_id, after[1] if after else None):
         return Page[BackupRead](items=[], next=None)
     rows = await repository.list_page(
-        session,
+        await session.orm(),
         limit=limit,
         after=after,
         target=target,
@@ -185,12 +173,7 @@ async def list_backups(
         location_id=location_id,
         state=state,
     )
-    items = [to_read(row) for row in rows[:limit]]
-    following = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        following = Cursor(created_at=last.created_at, id=last.id).encode()
-    return Page[BackupRead](items=items, next=following)
+    return paging.page_of(rows, limit, to_read, paging.by_created)
 
 
 # Projection of backup events
@@ -228,10 +211,8 @@ Change = Callable[[Backup], None]
 
 
 async def _apply(session: AsyncSession, changes: list[tuple[str, str, Change]]) -> bool:
-    """Apply `(ref, kind, change)` to each backup row (created if missing) in one transaction.
-
-    Two events about one backup may be projected at once (the projector runs several handlers);
-    the loser of a concurrent insert retries and finds the row."""
+    """Apply `(ref, kind, change)` to each backup row (created if missing), in the caller's
+    transaction (the caller commits)."""
     parsed = []
     for ref, kind, change in changes:
         found = parse_ref(ref)
@@ -243,29 +224,24 @@ async def _apply(session: AsyncSession, changes: list[tuple[str, str, Change]]) 
         return False
     # Rows are locked in one order (by id), so two events touching the same rows never deadlock.
     parsed.sort(key=lambda item: item[3][1])
-    for attempt in range(5):
-        try:
-            for _ref, kind, change, (target, backup_id, created) in parsed:
-                row = await repository.get(session, backup_id, for_update=True)
-                if row is None:
-                    row = Backup(
-                        id=backup_id,
-                        ref=f"{target}/{backup_id}",
-                        target=target,
-                        kind=kind,
-                        state="Running",
-                        created_at=created,
-                    )
-                    repository.add(session, row)
-                change(row)
-                row.updated_at = utcnow()
-            await session.commit()
-            return True
-        except IntegrityError:
-            await session.rollback()
-            if attempt == 4:
-                raise
-    return False
+    for _ref, kind, change, (target, backup_id, created) in parsed:
+        row = await repository.get(session, backup_id, for_update=True)
+        if row is None:
+            row = Backup(
+                id=backup_id,
+                ref=f"{target}/{backup_id}",
+                target=target,
+                kind=kind,
+                state="Running",
+                created_at=created,
+            )
+            repository.add(session, row)
+            # Flushed now: a concurrent insert by another replica fails here, the projector's
+            # batch is retried, and the retry finds the row.
+            await session.flush()
+        change(row)
+        row.updated_at = utcnow()
+    return True
 
 
 async def apply_started(session: AsyncSession, event: BackupStarted) -> bool:

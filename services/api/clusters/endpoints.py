@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, status
+from fastapi import APIRouter, Body, Path, Query, Request, status
 
 from libs.common.contract.kubeconfig import (
     DEFAULT_TTL_SECONDS,
@@ -14,48 +14,36 @@ from libs.common.contract.kubeconfig import (
 from services.api.auth.dependencies import OperatorDep, ViewerDep
 from services.api.clusters import kubeconfig, service
 from services.api.clusters.schemas import ClusterCreate, ClusterPatch, ClusterRead
-from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
-from services.api.problems import Problem
-from services.api.responses import ModelResponse
+from services.api.kit.errors import errors
+from services.api.kit.etag import IfMatch
+from services.api.kit.paging import CursorQuery, LimitQuery, Page, link_header
+from services.api.kit.responses import ModelResponse, resource_response
+from services.api.kit.unit_of_work import SessionDep
 
 router = APIRouter(prefix="/clusters", tags=["clusters"])
 
-ClusterId = Annotated[str, Path(description="The cluster's id.", max_length=64)]
-IfMatch = Annotated[
-    str | None,
-    Header(
-        alias="If-Match",
-        max_length=1024,
-        description="Apply only if the cluster's ETag is one of these (or `*`); else 412.",
+ClusterRef = Annotated[
+    str,
+    Path(
+        description=(
+            "The cluster's id, or its name: a name is accepted wherever an id is (an id wins "
+            "should a name look like another cluster's id)."
+        ),
+        max_length=64,
     ),
 ]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "No valid token."},
-    403: {"model": Problem, "description": "The token's scope is too low."},
-    404: {"model": Problem, "description": "No such cluster."},
-    422: {"model": Problem, "description": "Invalid input; `errors` names each field."},
-}
-WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
-    **ERRORS,
-    409: {"model": Problem, "description": "The cluster is being deleted."},
-    412: {"model": Problem, "description": "If-Match did not match the current ETag."},
-}
-
-
-def _notify(request: Request) -> service.Notify:
-    relay = request.app.state.relay
-    return relay.notify  # type: ignore[no-any-return]
-
-
-NotifyDep = Annotated[service.Notify, Depends(_notify)]
+NOT_FOUND = "No cluster has this id, nor this name."
+ERRORS = errors(not_found=NOT_FOUND)
+WRITE_ERRORS = errors(
+    not_found=NOT_FOUND, conflict="The cluster is being deleted.", precondition=True
+)
 
 
 def _cluster_response(cluster: ClusterRead, status_code: int = 200) -> ModelResponse:
-    headers = {"ETag": service.etag(cluster.resource_version)}
-    if status_code == status.HTTP_201_CREATED:
-        headers["Location"] = f"/api/v1/clusters/{cluster.id}"
-    return ModelResponse(cluster, status_code, headers=headers)
+    location = f"/api/v1/clusters/{cluster.id}" if status_code == status.HTTP_201_CREATED else None
+    return resource_response(
+        cluster, status_code, location=location, version=cluster.resource_version
+    )
 
 
 @router.post(
@@ -64,10 +52,7 @@ def _cluster_response(cluster: ClusterRead, status_code: int = 200) -> ModelResp
     response_model=ClusterRead,
     operation_id="createCluster",
     summary="Create a cluster",
-    responses={
-        **{k: v for k, v in ERRORS.items() if k != 404},
-        409: {"model": Problem, "description": "The name is taken."},
-    },
+    responses=errors(conflict="The name is taken."),
 )
 async def create_cluster(
     body: Annotated[
@@ -90,7 +75,6 @@ async def create_cluster(
         ),
     ],
     session: SessionDep,
-    notify: NotifyDep,
     principal: OperatorDep,
 ) -> ModelResponse:
     """Create a hosted control plane. Only `name` is required; every spec field has a default.
@@ -98,7 +82,7 @@ async def create_cluster(
     The provisioner is asked to build it; watch `status.phase` and `status.conditions`.
     Send an `Idempotency-Key` header to make retries safe.
     """
-    return _cluster_response(await service.create(session, body, notify), status.HTTP_201_CREATED)
+    return _cluster_response(await service.create(session, body), status.HTTP_201_CREATED)
 
 
 @router.get(
@@ -106,7 +90,7 @@ async def create_cluster(
     response_model=Page[ClusterRead],
     operation_id="listClusters",
     summary="List clusters",
-    responses={k: v for k, v in ERRORS.items() if k != 404},
+    responses=errors(),
 )
 async def list_clusters(
     request: Request,
@@ -143,9 +127,10 @@ async def list_clusters(
     responses=ERRORS,
 )
 async def get_cluster(
-    cluster_id: ClusterId, session: SessionDep, principal: ViewerDep
+    cluster_id: ClusterRef, session: SessionDep, principal: ViewerDep
 ) -> ModelResponse:
-    """One cluster with its observed status; the ETag header is its `resourceVersion`."""
+    """One cluster, by id or name, with its observed status; the ETag header is its
+    `resourceVersion`."""
     return _cluster_response(await service.get(session, cluster_id))
 
 
@@ -157,7 +142,7 @@ async def get_cluster(
     responses=WRITE_ERRORS,
 )
 async def patch_cluster(
-    cluster_id: ClusterId,
+    cluster_id: ClusterRef,
     body: Annotated[
         ClusterPatch,
         Body(
@@ -175,7 +160,6 @@ async def patch_cluster(
         ),
     ],
     session: SessionDep,
-    notify: NotifyDep,
     principal: OperatorDep,
     if_match: IfMatch = None,
 ) -> ModelResponse:
@@ -184,7 +168,7 @@ async def patch_cluster(
     Kubernetes upgrades go one minor version at a time (any patch within a minor); address
     ranges, DNS domain and etcd layout cannot change after creation.
     """
-    return _cluster_response(await service.patch(session, cluster_id, body, notify, if_match))
+    return _cluster_response(await service.patch(session, cluster_id, body, if_match))
 
 
 @router.delete(
@@ -196,15 +180,14 @@ async def patch_cluster(
     responses=WRITE_ERRORS,
 )
 async def delete_cluster(
-    cluster_id: ClusterId,
+    cluster_id: ClusterRef,
     session: SessionDep,
-    notify: NotifyDep,
     principal: OperatorDep,
     if_match: IfMatch = None,
 ) -> ModelResponse:
     """Mark the cluster `Deleting`; it disappears once the provisioner has removed it."""
     return _cluster_response(
-        await service.delete(session, cluster_id, notify, if_match), status.HTTP_202_ACCEPTED
+        await service.delete(session, cluster_id, if_match), status.HTTP_202_ACCEPTED
     )
 
 
@@ -213,13 +196,12 @@ async def delete_cluster(
     response_model=KubeconfigIssued,
     operation_id="getClusterKubeconfig",
     summary="Issue a short-lived admin kubeconfig",
-    responses={
-        **ERRORS,
-        503: {"model": Problem, "description": "The provisioner or the cluster is unavailable."},
-    },
+    responses=errors(
+        not_found=NOT_FOUND, unavailable="The provisioner or the cluster is unavailable."
+    ),
 )
 async def get_kubeconfig(
-    cluster_id: ClusterId,
+    cluster_id: ClusterRef,
     request: Request,
     session: SessionDep,
     principal: OperatorDep,
@@ -235,7 +217,7 @@ async def get_kubeconfig(
 ) -> ModelResponse:
     """A kubeconfig with a client certificate signed by the cluster CA (audited)."""
     cluster = await service.get(session, cluster_id)
-    await session.close()  # do not hold the DB while the provisioner signs
+    await session.close()  # do not hold the DB connection while the provisioner signs
     issued = await kubeconfig.issue(
         request.app.state.bus, cluster, requester=principal.name, ttl_seconds=ttl_seconds
     )

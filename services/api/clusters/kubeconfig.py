@@ -11,7 +11,7 @@ from libs.common.contract.kubeconfig import (
     KubeconfigRequest,
 )
 from services.api.clusters.schemas import ClusterRead
-from services.api.problems import Conflict, InvalidInput, NotFound, Unavailable
+from services.api.kit.problems import Conflict, InvalidInput, NotFound, Unavailable
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -1,7 +1,8 @@
 """Cluster domain logic: desired-state writes with their intents, and status projection.
 
-Every write that needs the provisioner stages its intent in the outbox inside the same
-transaction, so the row and the intent commit together or not at all.
+Every write that needs the provisioner stages its intent (kit.outbox.stage) in the request's
+unit of work, so the row and the intent commit together or not at all. A cluster is addressed
+by its id or, where that is unambiguous, by its name.
 """
 
 from __future__ import annotations
@@ -10,14 +11,11 @@ import functools
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from libs.common.contract import envelope_for
 from libs.common.contract.cluster import (
     ClusterDeclared,
     ClusterDeleted,
@@ -25,29 +23,26 @@ from libs.common.contract.cluster import (
     ClusterStatusChanged,
     DeleteCluster,
     ReconcileCluster,
-    validate_labels,
 )
 from libs.common.contract.versions import UpgradeRefused, check_upgrade
-from libs.common.logging import correlation_id
-from services.api import selectors
 from services.api.clusters import repository
+from services.api.clusters.repository import ClusterRow
 from services.api.clusters.schemas import ClusterCreate, ClusterPatch, ClusterRead, ClusterStatus
-from services.api.merge_patch import merge_patch
-from services.api.models import Cluster, utcnow
-from services.api.outbox import repository as outbox
-from services.api.pagination import Cursor, Page
-from services.api.problems import (
+from services.api.kit import outbox, paging, selectors
+from services.api.kit.clock import utcnow
+from services.api.kit.db import IntegrityError, Session
+from services.api.kit.etag import check_if_match
+from services.api.kit.paging import Page
+from services.api.kit.patch import check_name_unchanged, merge_patch, patched_labels
+from services.api.kit.problems import (
     Conflict,
     FieldError,
     InvalidInput,
     NotFound,
-    PreconditionFailed,
     invalid_from_validation,
 )
 
 log = logging.getLogger(__name__)
-
-SOURCE = "api"
 
 # Fields Kubernetes (or a StatefulSet's volume claim templates) cannot change after creation.
 IMMUTABLE_SPEC_FIELDS: tuple[tuple[str, ...], ...] = (
@@ -60,8 +55,6 @@ IMMUTABLE_SPEC_FIELDS: tuple[tuple[str, ...], ...] = (
     ("datastore", "storageClassName"),
 )
 
-Notify = Callable[[], None]
-
 
 @functools.lru_cache(maxsize=4096)
 def _stored_spec(canonical: str) -> ClusterSpec:
@@ -70,7 +63,7 @@ def _stored_spec(canonical: str) -> ClusterSpec:
     return ClusterSpec.model_validate_json(canonical)
 
 
-def to_read(cluster: Cluster) -> ClusterRead:
+def to_read(cluster: ClusterRow) -> ClusterRead:
     return ClusterRead(
         id=cluster.id,
         name=cluster.name,
@@ -100,7 +93,7 @@ def _lookup(spec: dict[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
-def _stage_reconcile(session: AsyncSession, cluster: Cluster) -> None:
+def _stage_reconcile(session: Session, cluster: ClusterRow) -> None:
     intent = ReconcileCluster(
         cluster_id=cluster.id,
         name=cluster.name,
@@ -108,13 +101,10 @@ def _stage_reconcile(session: AsyncSession, cluster: Cluster) -> None:
         labels=dict(cluster.labels),
         spec=ClusterSpec.model_validate(cluster.spec),
     )
-    subject, envelope = envelope_for(
-        intent, source=SOURCE, subject=cluster.id, correlation_id=correlation_id.get()
-    )
-    outbox.add(session, subject, envelope)
+    outbox.stage(session, intent, subject=cluster.id)
 
 
-def _stage_declared(session: AsyncSession, cluster: Cluster) -> None:
+def _stage_declared(session: Session, cluster: ClusterRow) -> None:
     """The ClusterDeclared event (the backup service follows the set of clusters from it)."""
     event = ClusterDeclared(
         cluster_id=cluster.id,
@@ -124,25 +114,12 @@ def _stage_declared(session: AsyncSession, cluster: Cluster) -> None:
         labels=dict(cluster.labels),
         deletion_requested=cluster.deletion_requested_at is not None,
     )
-    subject, envelope = envelope_for(
-        event, source=SOURCE, subject=cluster.id, correlation_id=correlation_id.get()
-    )
-    outbox.add(session, subject, envelope)
+    outbox.stage(session, event, subject=cluster.id)
 
 
-async def _commit(session: AsyncSession, name: str) -> None:
-    try:
-        await session.commit()
-    except IntegrityError:
-        await session.rollback()
-        raise Conflict(f"a cluster named {name!r} already exists") from None
-
-
-async def create(session: AsyncSession, body: ClusterCreate, notify: Notify) -> ClusterRead:
-    if await repository.get_by_name(session, body.name) is not None:
-        raise Conflict(f"a cluster named {body.name!r} already exists")
+async def create(session: Session, body: ClusterCreate) -> ClusterRead:
     now = utcnow()
-    cluster = Cluster(
+    cluster = ClusterRow(
         id=str(uuid.uuid4()),
         name=body.name,
         labels=dict(body.labels),
@@ -150,6 +127,7 @@ async def create(session: AsyncSession, body: ClusterCreate, notify: Notify) -> 
         generation=1,
         created_at=now,
         updated_at=now,
+        deletion_requested_at=None,
         phase="Pending",
         observed_generation=0,
         status_reason="",
@@ -159,96 +137,68 @@ async def create(session: AsyncSession, body: ClusterCreate, notify: Notify) -> 
         status_sequence=0,
         version=1,
     )
-    repository.add(session, cluster)
+    try:
+        await repository.insert(session, cluster)
+    except IntegrityError:
+        raise Conflict(f"a cluster named {body.name!r} already exists") from None
     _stage_reconcile(session, cluster)
     _stage_declared(session, cluster)
-    await _commit(session, body.name)
-    notify()
     log.info("cluster created", extra={"clusterId": cluster.id, "cluster": cluster.name})
     return to_read(cluster)
 
 
-async def get(session: AsyncSession, cluster_id: str) -> ClusterRead:
-    return to_read(await _require(session, cluster_id))
+def not_found(ref: str) -> NotFound:
+    return NotFound(
+        f"cluster {ref!r} does not exist (looked up by id, then by name); "
+        "GET /api/v1/clusters lists them"
+    )
 
 
-async def _require(session: AsyncSession, cluster_id: str, *, for_update: bool = False) -> Cluster:
-    cluster = await repository.get(session, cluster_id, for_update=for_update)
+async def get(session: Session, ref: str) -> ClusterRead:
+    """A cluster by id or name."""
+    return to_read(await require(session, ref))
+
+
+async def require(session: Session, ref: str, *, for_update: bool = False) -> ClusterRow:
+    """The cluster with this id or, failing that, this name; 404 if neither."""
+    cluster = await repository.find(session, ref, for_update=for_update)
     if cluster is None:
-        raise NotFound(f"cluster {cluster_id!r} does not exist")
+        raise not_found(ref)
     return cluster
 
 
 async def list_clusters(
-    session: AsyncSession,
+    session: Session,
     *,
     limit: int,
     cursor: str | None,
     selector: str | None = None,
     phase: str | None = None,
 ) -> Page[ClusterRead]:
-    after = None
-    if cursor:
-        position = Cursor.decode(cursor)
-        after = (position.created_at, position.id)
     requirements = selectors.parse(selector) if selector else []
     rows = await repository.list_page(
-        session, limit=limit, after=after, selector=requirements, phase=phase
+        session, limit=limit, after=paging.after(cursor), selector=requirements, phase=phase
     )
-    items = [to_read(row) for row in rows[:limit]]
-    following = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        following = Cursor(created_at=last.created_at, id=last.id).encode()
-    return Page[ClusterRead](items=items, next=following)
+    return paging.page_of(rows, limit, to_read, paging.by_created)
 
 
-def etag(version: int | str) -> str:
-    return f'"{version}"'
-
-
-def _check_precondition(cluster: Cluster, if_match: str | None) -> None:
-    """If-Match: a list of ETags or `*`; 412 when the cluster has changed since."""
-    if if_match is None:
-        return
-    wanted = {tag.strip().removeprefix("W/") for tag in if_match.split(",")}
-    if "*" in wanted or etag(cluster.version) in wanted:
-        return
-    raise PreconditionFailed(
-        f"cluster {cluster.name!r} has changed (ETag {etag(cluster.version)}); "
-        "read it again and retry"
-    )
+def _check_precondition(cluster: ClusterRow, if_match: str | None) -> None:
+    check_if_match(if_match, cluster.version, f"cluster {cluster.name!r}")
 
 
 async def patch(
-    session: AsyncSession,
-    cluster_id: str,
-    body: ClusterPatch,
-    notify: Notify,
-    if_match: str | None = None,
+    session: Session, ref: str, body: ClusterPatch, if_match: str | None = None
 ) -> ClusterRead:
-    cluster = await _require(session, cluster_id, for_update=True)
+    cluster = await require(session, ref, for_update=True)
     _check_precondition(cluster, if_match)
     if cluster.deletion_requested_at is not None:
         raise Conflict(f"cluster {cluster.name!r} is being deleted and cannot be changed")
-    if body.name is not None and body.name != cluster.name:
-        raise InvalidInput(
-            "name cannot be changed",
-            errors=[FieldError(field="name", message="cannot be changed after creation")],
-        )
+    check_name_unchanged(cluster.name, body.name)
     changed = False
-    if body.labels is not None:
-        labels = merge_patch(dict(cluster.labels), body.labels)
-        try:
-            validate_labels(labels)
-        except ValueError as exc:
-            raise InvalidInput(
-                f"invalid input: labels: {exc}",
-                errors=[FieldError(field="labels", message=str(exc))],
-            ) from None
-        if labels != cluster.labels:
-            cluster.labels = labels
-            changed = True
+    labels = patched_labels(cluster.labels, body.labels)
+    if labels is not None:
+        cluster.labels = labels
+        changed = True
     if body.spec is not None:
         new_spec = _validated_spec(cluster.spec, body.spec)
         if new_spec != cluster.spec:
@@ -260,10 +210,9 @@ async def patch(
         return to_read(cluster)
     cluster.version += 1
     cluster.updated_at = utcnow()
+    await repository.update(session, cluster)
     # Labels travel in the intent too, so a label change is also sent to the provisioner.
     _stage_reconcile(session, cluster)
-    await _commit(session, cluster.name)
-    notify()
     return to_read(cluster)
 
 
@@ -288,11 +237,9 @@ def _validated_spec(current: dict[str, Any], patch: dict[str, Any]) -> dict[str,
     return spec
 
 
-async def delete(
-    session: AsyncSession, cluster_id: str, notify: Notify, if_match: str | None = None
-) -> ClusterRead:
+async def delete(session: Session, ref: str, if_match: str | None = None) -> ClusterRead:
     """Mark the cluster Deleting and ask the provisioner to remove it (idempotent)."""
-    cluster = await _require(session, cluster_id, for_update=True)
+    cluster = await require(session, ref, for_update=True)
     _check_precondition(cluster, if_match)
     if cluster.deletion_requested_at is not None:
         return to_read(cluster)
@@ -303,47 +250,70 @@ async def delete(
     cluster.phase = "Deleting"
     cluster.status_reason = "DeletionRequested"
     cluster.status_message = "waiting for the provisioner to remove the control plane"
+    await repository.update(session, cluster)
     intent = DeleteCluster(cluster_id=cluster.id, name=cluster.name, generation=cluster.generation)
-    subject, envelope = envelope_for(
-        intent, source=SOURCE, subject=cluster.id, correlation_id=correlation_id.get()
-    )
-    outbox.add(session, subject, envelope)
+    outbox.stage(session, intent, subject=cluster.id)
     _stage_declared(session, cluster)
-    await session.commit()
-    notify()
     return to_read(cluster)
 
 
-# Projection of provisioner events into the Foundry DB.
+# Projection of provisioner events into the Foundry DB (in the projector's transaction).
 
 
-async def apply_status(session: AsyncSession, event: ClusterStatusChanged, sequence: int) -> bool:
-    """Apply a status event unless it is stale; returns whether anything changed."""
-    cluster = await repository.get(session, event.cluster_id, for_update=True)
-    if cluster is None:
-        return False
-    if (
+def _is_stale(cluster: ClusterRow, event: ClusterStatusChanged, sequence: int) -> bool:
+    return (
         sequence <= cluster.status_sequence
         or event.observed_generation < cluster.observed_generation
-    ):
-        log.info(
-            "ignoring stale status event",
-            extra={"clusterId": cluster.id, "sequence": sequence, "held": cluster.status_sequence},
-        )
-        return False
-    cluster.observed_generation = event.observed_generation
-    cluster.status_sequence = sequence
-    # A cluster being deleted stays Deleting whatever an older reconcile still reports.
-    cluster.phase = "Deleting" if cluster.deletion_requested_at is not None else event.phase
-    cluster.status_reason = event.reason
-    cluster.status_message = event.message
-    cluster.conditions = [c.wire() for c in event.conditions]
-    cluster.endpoint = event.endpoint.wire() if event.endpoint else None
-    await session.commit()
-    return True
+    )
 
 
-async def apply_deleted(session: AsyncSession, event: ClusterDeleted) -> bool:
+async def apply_statuses(
+    session: Session, events: Sequence[tuple[ClusterStatusChanged, int]]
+) -> int:
+    """Apply status events in stream order, each unless it is stale; returns how many applied.
+
+    Stale means older than what the row holds: a stream sequence at or below the last applied
+    one, or a lower observed generation. Several events about one cluster in a batch are
+    applied in order in memory, and the row is written once."""
+    ids = list(dict.fromkeys(event.cluster_id for event, _ in events))
+    rows = await repository.for_update_many(session, ids)
+    changed: dict[str, ClusterRow] = {}
+    applied = 0
+    for event, sequence in events:
+        cluster = rows.get(event.cluster_id)
+        if cluster is None:
+            continue
+        if _is_stale(cluster, event, sequence):
+            log.info(
+                "ignoring stale status event",
+                extra={
+                    "clusterId": cluster.id,
+                    "sequence": sequence,
+                    "held": cluster.status_sequence,
+                },
+            )
+            continue
+        cluster.observed_generation = event.observed_generation
+        cluster.status_sequence = sequence
+        # A cluster being deleted stays Deleting whatever an older reconcile still reports.
+        cluster.phase = "Deleting" if cluster.deletion_requested_at is not None else event.phase
+        cluster.status_reason = event.reason
+        cluster.status_message = event.message
+        cluster.conditions = [c.wire() for c in event.conditions]
+        cluster.endpoint = event.endpoint.wire() if event.endpoint else None
+        changed[cluster.id] = cluster
+        applied += 1
+    for cluster in changed.values():
+        await repository.update_status(session, cluster)
+    return applied
+
+
+async def apply_status(session: Session, event: ClusterStatusChanged, sequence: int) -> bool:
+    """Apply one status event unless it is stale; returns whether anything changed."""
+    return await apply_statuses(session, [(event, sequence)]) > 0
+
+
+async def apply_deleted(session: Session, event: ClusterDeleted) -> bool:
     """Remove the row once the provisioner reports the cluster gone (only if deletion was asked)."""
     cluster = await repository.get(session, event.cluster_id, for_update=True)
     if cluster is None:
@@ -354,5 +324,4 @@ async def apply_deleted(session: AsyncSession, event: ClusterDeleted) -> bool:
         )
         return False
     await repository.remove(session, cluster.id)
-    await session.commit()
     return True

@@ -9,11 +9,12 @@ from fastapi.responses import JSONResponse
 
 from services.api.auth.dependencies import ViewerDep
 from services.api.auth.service import authenticate
-from services.api.db import SessionDep
 from services.api.events import service
 from services.api.events.schemas import EventPage
-from services.api.pagination import CursorQuery, LimitQuery, link_header
-from services.api.problems import FieldError, InvalidInput, Problem, ProblemError
+from services.api.kit.errors import errors
+from services.api.kit.paging import CursorQuery, LimitQuery, link_header
+from services.api.kit.problems import FieldError, InvalidInput, Problem, ProblemError
+from services.api.kit.unit_of_work import SessionDep
 
 router = APIRouter(prefix="/events", tags=["events"])
 
@@ -30,9 +31,7 @@ TypeQuery = Annotated[
 SubjectQuery = Annotated[
     str | None, Query(description="Only events about this resource id.", max_length=255)
 ]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    422: {"model": Problem, "description": "Invalid input; `errors` names each field."},
-}
+ERRORS = errors()
 
 
 @router.get(
@@ -132,7 +131,7 @@ async def stream_events(
     async def still_authorized() -> bool:
         # The token cache makes this cheap; a revoked token is seen within its few seconds.
         state = request.app.state
-        return await authenticate(state.sessions, state.token_cache, token) is not None
+        return await authenticate(state.db, state.token_cache, token) is not None
 
     feed: service.EventFeed = request.app.state.events
     return await feed.stream(where, after, still_authorized)

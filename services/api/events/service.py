@@ -1,7 +1,10 @@
-"""Event history: record every event the projector sees, list it, prune it, and feed streams.
+"""Event history: record every event, list it, prune it, and feed streams.
 
-Recording stores the envelope and stages the webhook deliveries it causes in one transaction, so
-a crash loses neither; a redelivered event (same id) is stored and delivered once.
+`EventFeed.append` stores envelopes in the caller's transaction and hands each new one to the
+stagers the app gives it (webhook deliveries), so a crash loses neither; a redelivered event
+(same id) is stored and delivered once. The projector appends what it consumes in its batch
+transaction; the API's own events are appended where they are written (`on_api_events`, an
+outbox listener), so the projector skips them when they come back from NEST_EVENTS.
 """
 
 from __future__ import annotations
@@ -11,11 +14,9 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
-
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.common.contract import Envelope
 from libs.common.settings import Settings
@@ -30,15 +31,18 @@ from services.api.events.stream import (
     StreamedEvent,
     sse_frame,
 )
-from services.api.models import utcnow
-from services.api.problems import FieldError, InvalidInput
-from services.api.webhooks import service as webhooks
+from services.api.kit.clock import utcnow
+from services.api.kit.db import Database, Session
+from services.api.kit.problems import FieldError, InvalidInput
 
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_SECONDS = 3600.0
 PRUNE_BATCH = 5000
-WRITE_BATCH = 100
+
+Stager = Callable[[Session, Sequence[tuple[int, Envelope]]], Awaitable[int]]
+"""Given newly recorded (position, envelope) pairs, stages what they cause in the same
+transaction (webhook deliveries); returns how many it staged."""
 
 
 def encode_cursor(position: int) -> str:
@@ -83,38 +87,21 @@ def envelope_row(envelope: Envelope, stream_sequence: int, now: datetime) -> dic
     }
 
 
-async def record(
-    session: AsyncSession,
-    envelope: Envelope,
-    stream_sequence: int,
-    subscriptions: webhooks.Subscriptions | None = None,
-) -> int | None:
-    """Store the event and stage its webhook deliveries (caller commits); None if seen before."""
-    await repository.lock_for_append(session)
-    position = await repository.insert_if_absent(
-        session, envelope_row(envelope, stream_sequence, utcnow())
-    )
-    if position is None:
-        return None
-    await webhooks.stage_deliveries(session, position, envelope.id, envelope.type, subscriptions)
-    return position
-
-
 async def list_events(
-    session: AsyncSession, where: EventFilter, *, limit: int, cursor: str | None
+    session: Session, where: EventFilter, *, limit: int, cursor: str | None
 ) -> dict[str, Any]:
     """A page of matching events, oldest first, as plain JSON-ready CloudEvents."""
     after = decode_cursor(cursor) if cursor else 0
-    rows = await repository.page(session, where, after=after, limit=limit + 1)
+    rows = await repository.page(await session.orm(), where, after=after, limit=limit + 1)
     following = encode_cursor(rows[limit - 1].position) if len(rows) > limit else None
     return {"items": [row.envelope for row in rows[:limit]], "next": following}
 
 
-async def prune(sessions: async_sessionmaker[AsyncSession], cutoff: datetime) -> int:
+async def prune(db: Database, cutoff: datetime) -> int:
     """Delete events recorded before `cutoff`, in short batches; returns how many."""
     total = 0
     while True:
-        async with sessions() as session:
+        async with db.orm_sessions() as session:
             removed = await repository.prune_batch(session, cutoff, PRUNE_BATCH)
             await session.commit()
         total += removed
@@ -123,87 +110,84 @@ async def prune(sessions: async_sessionmaker[AsyncSession], cutoff: datetime) ->
 
 
 class EventFeed:
-    """The API's event history and live feed: what the projector, the routes and the lifespan
-    use. `record` is the projector's hook; `run` fans out and prunes until cancelled."""
+    """The API's event history and live feed: what the projector, the outbox, the routes and
+    the lifespan use. `append` records; `run` fans out and prunes until cancelled."""
 
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        db: Database,
         settings: Settings,
         *,
-        on_recorded: Sequence[Callable[[], None]] = (),
+        stagers: Sequence[Stager] = (),
         poll_seconds: float = 1.0,
     ) -> None:
-        self.sessions = sessions
+        self.db = db
         self.settings = settings
-        self.on_recorded = list(on_recorded)
+        self.stagers = list(stagers)
         self.broadcaster = Broadcaster(
-            sessions, queue_size=settings.sse_queue_size, poll_seconds=poll_seconds
+            db, queue_size=settings.sse_queue_size, poll_seconds=poll_seconds
         )
         self.recorded = 0
-        self._waiting: asyncio.Queue[tuple[Envelope, int, asyncio.Future[int | None]]] = (
-            asyncio.Queue()
+
+    async def append(
+        self, session: Session, events: Sequence[tuple[Envelope, int]]
+    ) -> list[int | None]:
+        """Store events (idempotently, in order) in the session's transaction; their positions,
+        None for one already stored. The broadcaster is woken after the commit."""
+        if not events:
+            return []
+        await repository.lock_for_append(session)
+        now = utcnow()
+        fresh: dict[str, Envelope] = {}
+        for envelope, _ in events:
+            fresh.setdefault(envelope.id, envelope)
+        stored = await repository.insert_many(
+            session,
+            [
+                envelope_row(envelope, sequence, now)
+                for envelope, sequence in events
+                if fresh.get(envelope.id) is envelope
+            ],
         )
+        positions: list[int | None] = []
+        for envelope, _ in events:
+            positions.append(stored.pop(envelope.id, None))
+        recorded = [
+            (position, envelope)
+            for position, (envelope, _) in zip(positions, events, strict=True)
+            if position is not None
+        ]
+        for stager in self.stagers:
+            await stager(session, recorded)
+        if recorded:
+            count = len(recorded)
 
-    async def record(self, envelope: Envelope, stream_sequence: int) -> None:
-        """Store one event (idempotent); returns once it is committed.
-
-        The projector handles a batch concurrently and its handlers call this in stream order;
-        the writer commits whatever is waiting in one transaction (one fsync for many events)
-        in that order, so positions follow stream sequences.
-        """
-        done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._waiting.put_nowait((envelope, stream_sequence, done))
-        await done
-
-    async def _write_forever(self) -> None:
-        while True:
-            batch = [await self._waiting.get()]
-            while not self._waiting.empty() and len(batch) < WRITE_BATCH:
-                batch.append(self._waiting.get_nowait())
-            try:
-                positions = await self._write([(e, s) for e, s, _ in batch])
-            except Exception:
-                # One bad event must not fail its neighbours: retry them one by one.
-                positions = []
-                for envelope, sequence, done in batch:
-                    try:
-                        positions += await self._write([(envelope, sequence)])
-                    except Exception as exc:
-                        positions.append(None)
-                        if not done.done():
-                            done.set_exception(exc)
-            for (_, _, done), position in zip(batch, positions, strict=True):
-                if not done.done():
-                    done.set_result(position)
-            if any(position is not None for position in positions):
-                self.recorded += sum(position is not None for position in positions)
+            def committed() -> None:
+                self.recorded += count
                 self.broadcaster.notify()
-                for listener in self.on_recorded:
-                    listener()
 
-    async def _write(self, events: Sequence[tuple[Envelope, int]]) -> list[int | None]:
-        async with self.sessions() as session:
-            subscriptions = await webhooks.enabled_subscriptions(session)
-            positions = [
-                await record(session, e, sequence, subscriptions) for e, sequence in events
-            ]
-            await session.commit()
+            session.after_commit(committed)
         return positions
 
+    async def on_api_events(self, session: Session, envelopes: Sequence[Envelope]) -> None:
+        """Outbox listener: the API's own events enter the history with the write that caused
+        them (stream sequence 0: not yet published)."""
+        await self.append(session, [(envelope, 0) for envelope in envelopes])
+
     async def replay(self, where: EventFilter, after: int, upto: int) -> list[StreamedEvent]:
-        async with self.sessions() as session:
+        async with self.db.orm_sessions() as session:
             rows = await repository.page(session, where, after=after, limit=BATCH, upto=upto)
-            return [sse_frame(row) for row in rows]
+            return [sse_frame(row.position, row.type, row.subject, row.envelope) for row in rows]
 
     async def stream(
         self, where: EventFilter, after: int | None, authorized: StillAuthorized | None = None
     ) -> EventStreamResponse:
         """A stream from `after`, or from the newest recorded event if None."""
         await self.broadcaster.wait_ready()
+        await self.broadcaster.refresh()
         if after is None:
             # "From now" means after what is committed now, even if not yet fanned out.
-            async with self.sessions() as session:
+            async with self.db.session() as session:
                 after = await repository.last_position(session)
         return EventStreamResponse(
             self.broadcaster,
@@ -215,23 +199,19 @@ class EventFeed:
         )
 
     async def run(self) -> None:
-        """Record, fan out and prune until cancelled."""
-        helpers = [
-            asyncio.create_task(self._write_forever(), name="event-history-writer"),
-            asyncio.create_task(self._prune_forever(), name="event-history-retention"),
-        ]
+        """Fan out and prune until cancelled."""
+        pruning = asyncio.create_task(self._prune_forever(), name="event-history-retention")
         try:
             await self.broadcaster.run()
         finally:
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            pruning.cancel()
+            await asyncio.gather(pruning, return_exceptions=True)
 
     async def _prune_forever(self) -> None:
         while True:
             cutoff = utcnow() - timedelta(days=self.settings.event_history_days)
             try:
-                removed = await prune(self.sessions, cutoff)
+                removed = await prune(self.db, cutoff)
                 if removed:
                     log.info("pruned event history", extra={"events": removed})
             except Exception:

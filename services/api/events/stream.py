@@ -1,9 +1,11 @@
 """Live fan-out of recorded events to Server-Sent Events streams.
 
-One broadcaster per process tails the event history (woken by the projector after each commit,
-polling as a backstop for events other API replicas recorded) and offers each event to every
-subscriber's bounded queue. Subscribers hold no DB session and no NATS consumer. One that falls
-behind by a full queue is dropped and told to resume with Last-Event-ID; the others never wait.
+One broadcaster per process tails the event history (woken after each commit that recorded
+events, polling as a backstop for events other API replicas recorded) and offers each event to
+every subscriber's bounded queue. With no subscriber it reads nothing: the first one to come
+moves its position to the newest event (`refresh`), and wakes it. Subscribers hold no DB
+session and no NATS consumer. One that falls behind by a full queue is dropped and told to
+resume with Last-Event-ID; the others never wait.
 
 Positions become visible in order (see repository.lock_for_append), the broadcaster emits them in
 order, and a new subscriber registers and reads the broadcaster's position in one step, so replay
@@ -18,14 +20,14 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from services.api.events import repository
 from services.api.events.filters import EventFilter
-from services.api.models import EventRecord
+from services.api.kit.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,12 @@ class StreamedEvent:
     frame: bytes
 
 
-def sse_frame(record: EventRecord) -> StreamedEvent:
-    data = json.dumps(record.envelope, separators=(",", ":"), ensure_ascii=False)
-    frame = f"id: {record.position}\nevent: {record.type}\ndata: {data}\n\n".encode()
-    return StreamedEvent(record.position, record.type, record.subject, frame)
+def sse_frame(
+    position: int, event_type: str, subject: str | None, envelope: dict[str, Any]
+) -> StreamedEvent:
+    data = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
+    frame = f"id: {position}\nevent: {event_type}\ndata: {data}\n\n".encode()
+    return StreamedEvent(position, event_type, subject, frame)
 
 
 @dataclass(eq=False)
@@ -85,12 +89,13 @@ class Broadcaster:
 
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        db: Database,
         *,
         queue_size: int = 1000,
         poll_seconds: float = 1.0,
     ) -> None:
-        self.sessions = sessions
+        self.db = db
+        self._behind = False
         self.queue_size = queue_size
         self.poll_seconds = poll_seconds
         self.position: int | None = None
@@ -113,7 +118,17 @@ class Broadcaster:
             raise RuntimeError("the broadcaster has not started")
         subscriber = Subscriber(where, asyncio.Queue(self.queue_size))
         self.subscribers.add(subscriber)
+        self._wake.set()
         return subscriber, self.position
+
+    async def refresh(self) -> None:
+        """With nobody subscribed nothing was read: move to the newest event first."""
+        if self._behind and not self.subscribers:
+            async with self.db.session() as session:
+                newest = await repository.last_position(session)
+            if not self.subscribers:
+                self.position = max(self.position or 0, newest)
+                self._behind = False
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self.subscribers.discard(subscriber)
@@ -133,9 +148,9 @@ class Broadcaster:
         total = 0
         while True:
             assert self.position is not None
-            async with self.sessions() as session:
+            async with self.db.session() as session:
                 rows = await repository.after(session, self.position, BATCH)
-                events = [sse_frame(row) for row in rows]
+            events = [sse_frame(*row) for row in rows]
             if not events:
                 return total
             self.publish(events)
@@ -146,7 +161,7 @@ class Broadcaster:
         try:
             while self.position is None:
                 try:
-                    async with self.sessions() as session:
+                    async with self.db.session() as session:
                         self.position = await repository.last_position(session)
                 except Exception:
                     log.exception("event broadcaster cannot read the history; retrying")
@@ -155,7 +170,10 @@ class Broadcaster:
             while True:
                 self._wake.clear()
                 try:
-                    await self.pump()
+                    if self.subscribers:
+                        await self.pump()
+                    else:
+                        self._behind = True
                 except Exception:
                     log.exception("event broadcaster failed to read new events; retrying")
                 with contextlib.suppress(TimeoutError):

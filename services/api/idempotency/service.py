@@ -22,9 +22,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.api.idempotency import repository
+from services.api.kit.db import Database
 from services.api.models import IdempotencyRecord, utcnow
 
 TTL = timedelta(hours=24)
@@ -84,7 +84,7 @@ def storable(status: int) -> bool:
 
 
 async def begin(
-    sessions: async_sessionmaker[AsyncSession],
+    db: Database,
     *,
     authorization: str | None,
     key: str,
@@ -97,7 +97,7 @@ async def begin(
         raise KeyInvalid(key)
     owner = owner_of(authorization)
     now = utcnow()
-    async with sessions() as session:
+    async with db.orm_sessions() as session:
         existing = await repository.get(session, owner, key)
         abandoned = (
             existing is not None
@@ -140,7 +140,7 @@ async def begin(
 
 
 async def finish(
-    sessions: async_sessionmaker[AsyncSession],
+    db: Database,
     *,
     authorization: str | None,
     key: str,
@@ -150,7 +150,7 @@ async def finish(
 ) -> None:
     """Store the response for replay, or release the key when the response invites a retry."""
     owner = owner_of(authorization)
-    async with sessions() as session:
+    async with db.orm_sessions() as session:
         if storable(status):
             kept = {k: v for k, v in headers.items() if k in REPLAYED_HEADERS}
             await repository.complete(session, owner, key, status, seal(authorization, body), kept)
@@ -159,8 +159,8 @@ async def finish(
         await session.commit()
 
 
-async def purge(sessions: async_sessionmaker[AsyncSession]) -> int:
-    async with sessions() as session:
+async def purge(db: Database) -> int:
+    async with db.orm_sessions() as session:
         count = await repository.purge_expired(session, utcnow())
         await session.commit()
     return count

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, status
+from fastapi import APIRouter, Path, Request, status
 
 from services.api.auth.dependencies import AdminDep, ViewerDep
-from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
-from services.api.problems import Problem
-from services.api.responses import ModelResponse
+from services.api.kit.errors import errors
+from services.api.kit.paging import CursorQuery, LimitQuery, Page, link_header
+from services.api.kit.responses import ModelResponse
+from services.api.kit.unit_of_work import SessionDep
 from services.api.restores import service
 from services.api.restores.schemas import RestoreCreate, RestoreRead
 
 router = APIRouter(prefix="/clusters", tags=["restores"])
 
-ClusterId = Annotated[str, Path(description="The cluster's id.", max_length=64)]
+ClusterId = Annotated[str, Path(description="The cluster's id, or its name.", max_length=64)]
 RestoreId = Annotated[str, Path(description="The restore's id.", max_length=64)]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "No valid token."},
-    403: {"model": Problem, "description": "The token's scope is too low."},
-    404: {"model": Problem, "description": "No such cluster (or restore)."},
-    422: {"model": Problem, "description": "Invalid input; `errors` names each field."},
-}
-
-
-def _notify(request: Request) -> service.Notify:
-    relay = request.app.state.relay
-    return relay.notify  # type: ignore[no-any-return]
-
-
-NotifyDep = Annotated[service.Notify, Depends(_notify)]
+ERRORS = errors(not_found="No such cluster (by id or name), or no such restore.")
 
 
 @router.post(
@@ -40,20 +27,16 @@ NotifyDep = Annotated[service.Notify, Depends(_notify)]
     response_model=RestoreRead,
     operation_id="createClusterRestore",
     summary="Restore a cluster's etcd from a backup",
-    responses={
-        **ERRORS,
-        409: {
-            "model": Problem,
-            "description": "A restore of the cluster is under way, or it is being deleted.",
-        },
-    },
+    responses=errors(
+        not_found="No such cluster (by id or name).",
+        conflict="A restore of the cluster is under way, or it is being deleted.",
+    ),
 )
 async def create_restore(
     cluster_id: ClusterId,
     body: RestoreCreate,
     session: SessionDep,
     admin: AdminDep,
-    notify: NotifyDep,
 ) -> ModelResponse:
     """Start restoring the cluster's etcd from `backupId`, a Completed etcd backup of it.
 
@@ -64,11 +47,11 @@ async def create_restore(
     `Pending`; follow it at its `Location` (phases up to `Succeeded` or `Failed` with a
     `reason`). The cluster's phase is `Restoring` meanwhile.
     """
-    restore = await service.request_restore(session, cluster_id, body, notify)
+    restore = await service.request_restore(session, cluster_id, body)
     return ModelResponse(
         restore,
         status.HTTP_202_ACCEPTED,
-        headers={"Location": f"/api/v1/clusters/{cluster_id}/restores/{restore.id}"},
+        headers={"Location": f"/api/v1/clusters/{restore.cluster_id}/restores/{restore.id}"},
     )
 
 

@@ -15,31 +15,28 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from libs.common.contract import envelope_for
 from libs.common.contract.restore import (
     TERMINAL_RESTORE_PHASES,
     PrepareRestore,
     RestoreProgressed,
 )
-from libs.common.logging import correlation_id
 from services.api.backups import repository as backups
-from services.api.clusters import repository as clusters
+from services.api.clusters import service as clusters
+from services.api.clusters.repository import ClusterRow
+from services.api.kit import outbox, paging
+from services.api.kit.db import Session
+from services.api.kit.paging import Page
+from services.api.kit.problems import Conflict, FieldError, InvalidInput, NotFound
 from services.api.models import Restore, utcnow
-from services.api.outbox import repository as outbox
-from services.api.pagination import Cursor, Page
-from services.api.problems import Conflict, FieldError, InvalidInput, NotFound
 from services.api.restores import repository
 from services.api.restores.schemas import RestoreCreate, RestoreRead, RestoreStep
 
 log = logging.getLogger(__name__)
 
-SOURCE = "api"
-Notify = Callable[[], None]
 
 RANK = {
     "Pending": 0,
@@ -65,15 +62,12 @@ def _invalid(field: str, message: str) -> InvalidInput:
     )
 
 
-async def request_restore(
-    session: AsyncSession, cluster_id: str, body: RestoreCreate, notify: Notify
-) -> RestoreRead:
-    cluster = await clusters.get(session, cluster_id) if _storable(cluster_id) else None
-    if cluster is None:
-        raise NotFound(f"cluster {cluster_id!r} not found")
+async def request_restore(session: Session, cluster_ref: str, body: RestoreCreate) -> RestoreRead:
+    orm = await session.orm()
+    cluster = await _cluster(session, cluster_ref)
     if cluster.deletion_requested_at is not None:
         raise Conflict(f"cluster {cluster.name!r} is being deleted")
-    backup = await backups.get(session, body.backup_id)
+    backup = await backups.get(orm, body.backup_id)
     if backup is None:
         raise _invalid("backupId", f"backup {body.backup_id!r} does not exist")
     if backup.kind != "etcd":
@@ -90,7 +84,7 @@ async def request_restore(
             f"backup {body.backup_id!r} is of {backup.target!r}, not of this cluster ({target!r}); "
             "set force to restore it anyway",
         )
-    active = await repository.active_for(session, cluster.id)
+    active = await repository.active_for(orm, cluster.id)
     if active is not None:
         raise Conflict(f"restore {active.id} of cluster {cluster.name!r} is still {active.phase}")
     now = utcnow()
@@ -111,7 +105,7 @@ async def request_restore(
         created_at=now,
         updated_at=now,
     )
-    repository.add(session, row)
+    repository.add(orm, row)
     intent = PrepareRestore(
         restore_id=row.id,
         cluster_id=cluster.id,
@@ -120,17 +114,12 @@ async def request_restore(
         location_id=backup.location_id,
         force=body.force,
     )
-    subject, envelope = envelope_for(
-        intent, source=SOURCE, subject=row.id, correlation_id=correlation_id.get()
-    )
-    outbox.add(session, subject, envelope)
+    outbox.stage(session, intent, subject=row.id)
     try:
-        await session.commit()
+        await orm.flush()
     except IntegrityError:
-        # Another request started a restore of this cluster between our check and commit.
-        await session.rollback()
+        # Another request started a restore of this cluster between our check and this write.
         raise Conflict(f"a restore of cluster {cluster.name!r} is already under way") from None
-    notify()
     log.info(
         "restore requested",
         extra={"restoreId": row.id, "clusterId": cluster.id, "backup": backup.ref},
@@ -160,36 +149,31 @@ def to_read(row: Restore) -> RestoreRead:
     )
 
 
-async def _cluster(session: AsyncSession, cluster_id: str) -> None:
-    if not _storable(cluster_id) or await clusters.get(session, cluster_id) is None:
-        raise NotFound(f"cluster {cluster_id!r} not found")
+async def _cluster(session: Session, cluster_ref: str) -> ClusterRow:
+    """The cluster by id or name (404 if neither)."""
+    if not _storable(cluster_ref):
+        raise clusters.not_found(cluster_ref)
+    return await clusters.require(session, cluster_ref)
 
 
-async def get(session: AsyncSession, cluster_id: str, restore_id: str) -> RestoreRead:
-    await _cluster(session, cluster_id)
-    row = await repository.get(session, restore_id) if _storable(restore_id) else None
-    if row is None or row.cluster_id != cluster_id:
-        raise NotFound(f"restore {restore_id!r} of cluster {cluster_id!r} not found")
+async def get(session: Session, cluster_ref: str, restore_id: str) -> RestoreRead:
+    cluster = await _cluster(session, cluster_ref)
+    orm = await session.orm()
+    row = await repository.get(orm, restore_id) if _storable(restore_id) else None
+    if row is None or row.cluster_id != cluster.id:
+        raise NotFound(f"restore {restore_id!r} of cluster {cluster_ref!r} not found by id")
     return to_read(row)
 
 
 async def list_restores(
-    session: AsyncSession, cluster_id: str, *, limit: int, cursor: str | None
+    session: Session, cluster_ref: str, *, limit: int, cursor: str | None
 ) -> Page[RestoreRead]:
-    await _cluster(session, cluster_id)
-    after = None
-    if cursor:
-        position = Cursor.decode(cursor)
-        after = (position.created_at, position.id)
+    cluster = await _cluster(session, cluster_ref)
+    after = paging.after(cursor)
     if not _storable(after[1] if after else None):
         return Page[RestoreRead](items=[], next=None)
-    rows = await repository.list_page(session, cluster_id, limit=limit, after=after)
-    items = [to_read(row) for row in rows[:limit]]
-    following = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        following = Cursor(created_at=last.created_at, id=last.id).encode()
-    return Page[RestoreRead](items=items, next=following)
+    rows = await repository.list_page(await session.orm(), cluster.id, limit=limit, after=after)
+    return paging.page_of(rows, limit, to_read, paging.by_created)
 
 
 # Projection
@@ -232,5 +216,4 @@ async def apply_progress(session: AsyncSession, event: RestoreProgressed) -> boo
     if not changed:
         return False
     row.updated_at = utcnow()
-    await session.commit()
     return True

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response, status
+from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 
-from libs.common.secrets import Sealer
 from services.api.auth.dependencies import AdminDep
-from services.api.db import SessionDep
-from services.api.pagination import CursorQuery, LimitQuery, Page, link_header
-from services.api.problems import Problem
-from services.api.responses import ModelResponse
+from services.api.kit.dependencies import SealerDep
+from services.api.kit.errors import errors
+from services.api.kit.paging import CursorQuery, LimitQuery, Page, link_header
+from services.api.kit.responses import ModelResponse
+from services.api.kit.unit_of_work import SessionDep
 from services.api.webhooks import service
 from services.api.webhooks.schemas import (
     DeliveryRead,
@@ -22,21 +22,10 @@ from services.api.webhooks.schemas import (
     WebhookRead,
 )
 
-
-def _sealer(request: Request) -> Sealer:
-    sealer: Sealer = request.app.state.sealer
-    return sealer
-
-
-SealerDep = Annotated[Sealer, Depends(_sealer)]
-
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
-WebhookId = Annotated[str, Path(description="The webhook's id.", max_length=64)]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": Problem, "description": "No such webhook."},
-    422: {"model": Problem, "description": "Invalid input; `errors` names each field."},
-}
+WebhookId = Annotated[str, Path(description="The webhook's id, or its name.", max_length=64)]
+ERRORS = errors(not_found="No webhook has this id, nor this name.")
 
 
 @router.post(
@@ -45,7 +34,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     response_model=WebhookCreated,
     operation_id="createWebhook",
     summary="Create a webhook",
-    responses={409: {"model": Problem, "description": "The name is taken."}, **ERRORS},
+    responses=errors(conflict="The name is taken."),
 )
 async def create_webhook(
     body: WebhookCreate, session: SessionDep, admin: AdminDep, sealer: SealerDep

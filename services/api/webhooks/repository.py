@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.api.kit.db import Session, sql
+from services.api.kit.paging import After, keyset
 from services.api.models import EventRecord, Webhook, WebhookDelivery
 
 
@@ -32,27 +34,48 @@ async def remove(session: AsyncSession, webhook_id: str) -> None:
     await session.execute(delete(Webhook).where(Webhook.id == webhook_id))
 
 
-async def list_page(
-    session: AsyncSession, *, limit: int, after: tuple[datetime, str] | None
-) -> Sequence[Webhook]:
+async def list_page(session: AsyncSession, *, limit: int, after: After | None) -> Sequence[Webhook]:
     query = select(Webhook).order_by(Webhook.created_at, Webhook.id).limit(limit + 1)
-    if after is not None:
-        created, ident = after
-        query = query.where(
-            or_(
-                Webhook.created_at > created,
-                and_(Webhook.created_at == created, Webhook.id > ident),
-            )
-        )
+    if (condition := keyset(Webhook.created_at, Webhook.id, after)) is not None:
+        query = query.where(condition)
     return (await session.scalars(query)).all()
 
 
-async def enabled_subscriptions(session: AsyncSession) -> Sequence[tuple[str, list[str]]]:
-    """(id, event type patterns) of every enabled webhook."""
-    rows = await session.execute(
-        select(Webhook.id, Webhook.event_types).where(Webhook.enabled.is_(True))
+_ENABLED = sql("SELECT id, event_types FROM webhooks WHERE enabled = :enabled")
+_INSERT_DELIVERY = sql(
+    "INSERT INTO webhook_deliveries (id, webhook_id, event_position, event_id, event_type, "
+    "status, attempts, next_attempt_at, created_at, updated_at) VALUES (:id, :webhook_id, "
+    ":event_position, :event_id, :event_type, 'pending', 0, :now, :now, :now)"
+)
+
+
+async def enabled_subscriptions(session: Session) -> Sequence[tuple[str, list[str]]]:
+    """(id, event type patterns) of every enabled webhook (lean: read with every event batch)."""
+    rows = await session.fetch(_ENABLED, {"enabled": True})
+    return [(str(row[0]), list(session.db.loads(row[1]))) for row in rows]
+
+
+async def insert_delivery(
+    session: Session,
+    *,
+    delivery_id: str,
+    webhook_id: str,
+    event_position: int,
+    event_id: str,
+    event_type: str,
+    now: datetime,
+) -> None:
+    await session.execute(
+        _INSERT_DELIVERY,
+        {
+            "id": delivery_id,
+            "webhook_id": webhook_id,
+            "event_position": event_position,
+            "event_id": event_id,
+            "event_type": event_type,
+            "now": session.db.stamp(now),
+        },
     )
-    return [(row[0], list(row[1])) for row in rows]
 
 
 async def deliveries_page(
@@ -60,7 +83,7 @@ async def deliveries_page(
     webhook_id: str,
     *,
     limit: int,
-    after: tuple[datetime, str] | None,
+    after: After | None,
     status: str | None,
 ) -> Sequence[WebhookDelivery]:
     query = (
@@ -71,14 +94,8 @@ async def deliveries_page(
     )
     if status is not None:
         query = query.where(WebhookDelivery.status == status)
-    if after is not None:
-        created, ident = after
-        query = query.where(
-            or_(
-                WebhookDelivery.created_at > created,
-                and_(WebhookDelivery.created_at == created, WebhookDelivery.id > ident),
-            )
-        )
+    if (condition := keyset(WebhookDelivery.created_at, WebhookDelivery.id, after)) is not None:
+        query = query.where(condition)
     return (await session.scalars(query)).all()
 
 

@@ -1,7 +1,8 @@
 """Webhook domain logic: subscriptions (with a write-only secret) and staging their deliveries.
 
-Deliveries are staged by the event recorder in the transaction that stores the event, so the
-durable queue never misses an event and never holds one twice.
+Deliveries are staged in the transaction that stores the event in the history (the history
+calls `stage_deliveries`, given to it by the app), so the durable queue never misses an event
+and never holds one twice; the delivery worker is woken only when something was staged.
 """
 
 from __future__ import annotations
@@ -9,20 +10,21 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from libs.common.contract.cluster import validate_labels
+from libs.common.contract import Envelope
 from libs.common.secrets import Sealer
 from services.api.events.filters import TypePattern, matches_any, parse_patterns
-from services.api.merge_patch import merge_patch
-from services.api.models import Webhook, WebhookDelivery, utcnow
-from services.api.pagination import Cursor, Page
-from services.api.problems import Conflict, FieldError, InvalidInput, NotFound
-from services.api.problems import invalid_from_validation as _invalid
+from services.api.kit import paging
+from services.api.kit.clock import utcnow
+from services.api.kit.db import Session
+from services.api.kit.paging import Page
+from services.api.kit.patch import check_name_unchanged, patched_labels, patched_spec
+from services.api.kit.problems import Conflict, NotFound
+from services.api.models import Webhook, WebhookDelivery
 from services.api.webhooks import repository
 from services.api.webhooks.schemas import (
     DeliveryRead,
@@ -84,18 +86,19 @@ def delivery_to_read(row: WebhookDelivery) -> DeliveryRead:
     )
 
 
-async def _commit(session: AsyncSession, name: str) -> None:
+async def _flush(session: AsyncSession, name: str) -> None:
     try:
-        await session.commit()
+        await session.flush()
     except IntegrityError:
-        await session.rollback()
         raise Conflict(f"a webhook named {name!r} already exists") from None
 
 
 async def _require(session: AsyncSession, webhook_id: str) -> Webhook:
-    row = await repository.get(session, webhook_id)
+    row = await repository.get(session, webhook_id) or await repository.get_by_name(
+        session, webhook_id
+    )
     if row is None:
-        raise NotFound(f"webhook {webhook_id!r} does not exist")
+        raise NotFound(f"webhook {webhook_id!r} does not exist (looked up by id, then by name)")
     return row
 
 
@@ -117,8 +120,9 @@ async def seal_clear_secrets(session: AsyncSession, sealer: Sealer) -> int:
     return len(rows)
 
 
-async def create(session: AsyncSession, sealer: Sealer, body: WebhookCreate) -> WebhookCreated:
-    if await repository.get_by_name(session, body.name) is not None:
+async def create(session: Session, sealer: Sealer, body: WebhookCreate) -> WebhookCreated:
+    orm = await session.orm()
+    if await repository.get_by_name(orm, body.name) is not None:
         raise Conflict(f"a webhook named {body.name!r} already exists")
     secret = body.spec.secret or generate_secret()
     now = utcnow()
@@ -139,60 +143,36 @@ async def create(session: AsyncSession, sealer: Sealer, body: WebhookCreate) -> 
         last_outcome=None,
         consecutive_failures=0,
     )
-    repository.add(session, row)
-    await _commit(session, body.name)
+    repository.add(orm, row)
+    await _flush(orm, body.name)
     log.info("webhook created", extra={"webhookId": row.id, "webhook": row.name})
     read = to_read(row)
     return WebhookCreated(**dict(read), secret=secret)
 
 
-async def get(session: AsyncSession, webhook_id: str) -> WebhookRead:
-    return to_read(await _require(session, webhook_id))
+async def get(session: Session, webhook_id: str) -> WebhookRead:
+    return to_read(await _require(await session.orm(), webhook_id))
 
 
-async def list_webhooks(
-    session: AsyncSession, *, limit: int, cursor: str | None
-) -> Page[WebhookRead]:
-    after = None
-    if cursor:
-        position = Cursor.decode(cursor)
-        after = (position.created_at, position.id)
-    rows = await repository.list_page(session, limit=limit, after=after)
-    following = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        following = Cursor(created_at=last.created_at, id=last.id).encode()
-    return Page[WebhookRead](items=[to_read(r) for r in rows[:limit]], next=following)
+async def list_webhooks(session: Session, *, limit: int, cursor: str | None) -> Page[WebhookRead]:
+    rows = await repository.list_page(await session.orm(), limit=limit, after=paging.after(cursor))
+    return paging.page_of(rows, limit, to_read, paging.by_created)
 
 
 async def patch(
-    session: AsyncSession, sealer: Sealer, webhook_id: str, body: WebhookPatch
+    session: Session, sealer: Sealer, webhook_id: str, body: WebhookPatch
 ) -> WebhookRead:
-    row = await _require(session, webhook_id)
-    if body.name is not None and body.name != row.name:
-        raise InvalidInput(
-            "name cannot be changed",
-            errors=[FieldError(field="name", message="cannot be changed after creation")],
-        )
+    orm = await session.orm()
+    row = await _require(orm, webhook_id)
+    check_name_unchanged(row.name, body.name)
     changed = False
-    if body.labels is not None:
-        labels = merge_patch(dict(row.labels), body.labels)
-        try:
-            validate_labels(labels)
-        except ValueError as exc:
-            raise InvalidInput(
-                f"invalid input: labels: {exc}",
-                errors=[FieldError(field="labels", message=str(exc))],
-            ) from None
-        if labels != row.labels:
-            row.labels = labels
-            changed = True
+    labels = patched_labels(dict(row.labels), body.labels)
+    if labels is not None:
+        row.labels = labels
+        changed = True
     if body.spec is not None:
         current = {"url": row.url, "eventTypes": list(row.event_types), "enabled": row.enabled}
-        try:
-            spec = WebhookSpecWrite.model_validate(merge_patch(current, body.spec))
-        except ValidationError as exc:
-            raise _invalid(exc, prefix=("spec",)) from None
+        spec = patched_spec(WebhookSpecWrite, current, body.spec)
         if spec.secret is not None:
             # Rotate: sealed afresh (a new nonce each time, so nothing tells an unchanged
             # secret from a new one; either way the old clear copy, if any, is dropped).
@@ -206,51 +186,65 @@ async def patch(
             changed = True
     if changed:
         row.updated_at = utcnow()
-        await session.commit()
+        await orm.flush()
     return to_read(row)
 
 
-async def delete(session: AsyncSession, webhook_id: str) -> None:
+async def delete(session: Session, webhook_id: str) -> None:
     """Remove the webhook and its queue: pending deliveries are dropped."""
-    await _require(session, webhook_id)
-    await repository.remove(session, webhook_id)
-    await session.commit()
+    orm = await session.orm()
+    row = await _require(orm, webhook_id)
+    await repository.remove(orm, row.id)
 
 
 async def list_deliveries(
-    session: AsyncSession,
+    session: Session,
     webhook_id: str,
     *,
     limit: int,
     cursor: str | None,
     status: str | None,
 ) -> Page[DeliveryRead]:
-    await _require(session, webhook_id)
-    after = None
-    if cursor:
-        position = Cursor.decode(cursor)
-        after = (position.created_at, position.id)
+    orm = await session.orm()
+    row = await _require(orm, webhook_id)
     rows = await repository.deliveries_page(
-        session, webhook_id, limit=limit, after=after, status=status
+        orm, row.id, limit=limit, after=paging.after(cursor), status=status
     )
-    following = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        following = Cursor(created_at=last.created_at, id=last.id).encode()
-    return Page[DeliveryRead](items=[delivery_to_read(r) for r in rows[:limit]], next=following)
+    return paging.page_of(rows, limit, delivery_to_read, paging.by_created)
 
 
 Subscriptions = Sequence[tuple[str, tuple[TypePattern, ...]]]
 """(webhook id, its type patterns) of the enabled webhooks."""
 
 
-async def enabled_subscriptions(session: AsyncSession) -> Subscriptions:
+async def enabled_subscriptions(session: Session) -> Subscriptions:
     rows = await repository.enabled_subscriptions(session)
     return [(webhook_id, parse_patterns(patterns)) for webhook_id, patterns in rows]
 
 
+class DeliveryStager:
+    """Stages the deliveries each recorded event owes (the event history calls it in its
+    transaction), and wakes the delivery worker after the commit only if it staged any."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.wake = wake
+
+    async def __call__(self, session: Session, recorded: Sequence[tuple[int, Envelope]]) -> int:
+        if not recorded:
+            return 0
+        subscriptions = await enabled_subscriptions(session)
+        staged = 0
+        for position, envelope in recorded:
+            staged += await stage_deliveries(
+                session, position, envelope.id, envelope.type, subscriptions
+            )
+        if staged:
+            session.after_commit(self.wake)
+        return staged
+
+
 async def stage_deliveries(
-    session: AsyncSession,
+    session: Session,
     event_position: int,
     event_id: str,
     event_type: str,
@@ -266,20 +260,14 @@ async def stage_deliveries(
     for webhook_id, patterns in subscriptions:
         if not matches_any(event_type, patterns):
             continue
-        repository.add(
+        await repository.insert_delivery(
             session,
-            WebhookDelivery(
-                id=str(uuid.uuid4()),
-                webhook_id=webhook_id,
-                event_position=event_position,
-                event_id=event_id,
-                event_type=event_type,
-                status="pending",
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-                updated_at=now,
-            ),
+            delivery_id=str(uuid.uuid4()),
+            webhook_id=webhook_id,
+            event_position=event_position,
+            event_id=event_id,
+            event_type=event_type,
+            now=now,
         )
         staged += 1
     return staged

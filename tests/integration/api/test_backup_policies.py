@@ -15,7 +15,7 @@ import pytest
 from libs.common.bus import Bus
 from libs.common.contract import EVENTS_STREAM, INTENTS_STREAM, Envelope
 from libs.common.secrets import Sealer
-from services.api.backup_policies.sync import restage_all
+from services.api.backup_locations.sync import restage_all
 from services.backup.service import serve_probe_location
 from tests.support.s3 import SeaweedS3, s3_server
 
@@ -339,7 +339,7 @@ class TestBackupServiceFeed:
         assert opened == s3_server.secret_key
 
         # What API start does: everything staged again, location first.
-        assert await restage_all(app.state.sessions) == 2
+        assert await restage_all(app.state.db) == 2
         app.state.relay.notify()
         again = await intents(bus, 2)
         assert [(e.type, e.subject) for e in again] == [(e.type, e.subject) for e in staged]

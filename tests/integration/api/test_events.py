@@ -252,9 +252,9 @@ class TestHistory:
     async def test_retention_prunes_old_events(self, api: httpx.AsyncClient, bus: Bus) -> None:
         await publish_deleted(bus, "c-1")
         await recorded(api, 1)
-        sessions = api.app.state.sessions  # type: ignore[attr-defined]
-        assert await events.prune(sessions, utcnow() - timedelta(days=1)) == 0
-        assert await events.prune(sessions, utcnow() + timedelta(seconds=1)) == 1
+        db = api.app.state.db  # type: ignore[attr-defined]
+        assert await events.prune(db, utcnow() - timedelta(days=1)) == 0
+        assert await events.prune(db, utcnow() + timedelta(seconds=1)) == 1
         assert (await api.get(URL)).json()["items"] == []
 
 

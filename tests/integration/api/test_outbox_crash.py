@@ -12,9 +12,9 @@ from libs.common.bus import Bus
 from libs.common.contract import INTENTS_STREAM, Envelope
 from libs.common.nats_server import EmbeddedNats
 from libs.common.settings import Settings
-from services.api.db import create_engine, migrate, session_factory
+from services.api.kit import outbox
+from services.api.kit.db import Database
 from services.api.models import OutboxMessage
-from services.api.outbox.relay import OutboxRelay
 from tests.support.parts import free_port
 from tests.support.processes import AUTH, kill_group, nest_process, wait_http
 
@@ -78,26 +78,24 @@ async def test_crash_after_publish_before_marking_sent_is_deduplicated(
     tmp_path: Path, nats_url: str, bus: Bus
 ) -> None:
     settings = Settings(data_dir=tmp_path, nats_url=nats_url)
-    engine = create_engine(settings.resolved_database_url)
-    await migrate(engine)
-    sessions = session_factory(engine)
-    from libs.common.contract import envelope_for
+    db = Database(settings.resolved_database_url)
+    await db.migrate()
     from libs.common.contract.cluster import ClusterSpec, ReconcileCluster
-    from services.api.outbox import repository
 
-    subject, envelope = envelope_for(
-        ReconcileCluster(cluster_id="c1", name="c1", generation=1, spec=ClusterSpec()), source="api"
-    )
-    async with sessions() as session:
-        repository.add(session, subject, envelope)
+    relay = outbox.Outbox(db, bus)
+    async with db.session() as session:
+        envelope = outbox.stage(
+            session,
+            ReconcileCluster(cluster_id="c1", name="c1", generation=1, spec=ClusterSpec()),
+            subject="c1",
+        )
         await session.commit()
-    relay = OutboxRelay(sessions, bus)
     assert await relay.publish_pending() == 1
     # As if the process died after the PubAck but before its UPDATE committed:
-    async with sessions() as session:
-        await session.execute(update(OutboxMessage).values(sent_at=None))
-        await session.commit()
+    async with db.orm_sessions() as orm:
+        await orm.execute(update(OutboxMessage).values(sent_at=None))
+        await orm.commit()
     assert await relay.publish_pending() == 1
     received = await drain_intents(nats_url, settle=1.0)
     assert [e.id for e in received] == [envelope.id]
-    await engine.dispose()
+    await db.dispose()

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from services.api.merge_patch import merge_patch
+from services.api.kit.patch import merge_patch
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from libs.common.contract.cluster import validate_labels
-from services.api.problems import FieldError, InvalidInput
+from services.api.kit.problems import FieldError, InvalidInput
 
 Operator = Literal["=", "!=", "in", "notin", "exists", "!exists"]
 

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from services.api.problems import PROBLEM_JSON, Problem
+from services.api.kit.problems import PROBLEM_JSON, Problem
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 COMMON = {
@@ -22,6 +22,8 @@ COMMON = {
     "429": "Rate limit exceeded; retry after `Retry-After` seconds.",
 }
 WITH_BODY = {"413": "The request body is larger than 1 MiB."}
+OWN_ERROR_BODIES = {"getReadiness"}
+"""Operations whose error answers are not problem documents (the readiness report)."""
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -51,7 +53,7 @@ def build(app: FastAPI) -> dict[str, Any]:
                 raise RuntimeError(f"{method.upper()} operation lacks {missing}")
             responses = operation["responses"]
             for code, response in list(responses.items()):
-                if code[0] in "45":
+                if code[0] in "45" and operation.get("operationId") not in OWN_ERROR_BODIES:
                     responses[code] = _problem(response.get("description") or "Error")
             extra = dict(COMMON) if operation.get("security") else {}
             if "requestBody" in operation:

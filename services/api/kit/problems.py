@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from libs.common.logging import correlation_id
 
@@ -136,6 +139,43 @@ def problem_response(
     )
 
 
+async def send_problem(
+    send: Send,
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    kind: str,
+    instance: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    errors: list[dict[str, str]] | None = None,
+) -> None:
+    problem: dict[str, Any] = {
+        "type": f"https://nest.io/problems/{kind}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+    }
+    if cid := correlation_id.get():
+        problem["correlationId"] = cid
+    if errors:
+        problem["errors"] = errors
+    body = json.dumps(problem).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_JSON.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 def install(app: FastAPI) -> None:
     """Map every error the app can raise to a problem document (never an HTML page)."""
 
@@ -184,8 +224,6 @@ def install(app: FastAPI) -> None:
 
 
 def _title(status: int) -> str:
-    from http import HTTPStatus
-
     try:
         return HTTPStatus(status).phrase
     except ValueError:

@@ -21,3 +21,19 @@ class ModelResponse(Response):
             status_code=status_code,
             headers=headers,
         )
+
+
+def resource_response(
+    model: BaseModel,
+    status_code: int = 200,
+    *,
+    location: str | None = None,
+    version: int | str | None = None,
+) -> ModelResponse:
+    """A resource with its `Location` (on create) and `ETag` (if it has a resourceVersion)."""
+    headers: dict[str, str] = {}
+    if version is not None:
+        headers["ETag"] = f'"{version}"'
+    if location is not None:
+        headers["Location"] = location
+    return ModelResponse(model, status_code, headers=headers or None)

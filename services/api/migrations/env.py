@@ -8,7 +8,7 @@ from services.api.models import Base
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    raise RuntimeError("run migrations through services.api.db.migrate()")
+    raise RuntimeError("run migrations through services.api.kit.db.migrate()")
 
 context.configure(
     connection=connection,

@@ -26,6 +26,7 @@ from cli.kit import (
     by_id_prefix,
     connect,
     console,
+    details,
     error,
     fail,
     group,
@@ -230,9 +231,7 @@ def clusters_get(
     if status.get("message"):
         reason = status.get("reason")
         fields.append(("Status", f"{reason}: {status['message']}" if reason else status["message"]))
-    width = max(len(label) for label, _ in fields) + 2
-    for label, value in fields:
-        say((f"{label}:".ljust(width), "bold"), value)
+    console.print(details(fields))
     found = conditions(cluster).values()
     if found:
         say(("Conditions:", "bold"))

@@ -44,22 +44,28 @@ def group(help_text: str) -> typer.Typer:
 # Output
 
 
+def _print(to: Console, text: Text) -> None:
+    # On a terminal, wrapped at words; into a file or pipe, one line per message (no newlines
+    # inserted at an assumed width of 80).
+    to.print(text, soft_wrap=not to.is_terminal)
+
+
 def say(*parts: str | Text | tuple[str, str]) -> None:
-    """One message line on stdout; a tuple is (text, style)."""
-    console.print(Text.assemble(*parts), soft_wrap=True)
+    """One message on stdout; a tuple is (text, style)."""
+    _print(console, Text.assemble(*parts))
 
 
 def note(*parts: str | Text | tuple[str, str]) -> None:
-    """One message line on stderr (progress, hints): stdout stays clean for what a command
-    prints as its result."""
-    errors.print(Text.assemble(*parts), soft_wrap=True)
+    """One message on stderr (progress, hints): stdout stays clean for what a command prints
+    as its result."""
+    _print(errors, Text.assemble(*parts))
 
 
 def error(message: str, *hints: str, code: int = 1) -> typer.Exit:
     """`error: message` and each hint on its own line, on stderr; returns the exit to raise."""
-    errors.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    _print(errors, Text.assemble(("error:", "bold red"), " ", message))
     for hint in hints:
-        errors.print(Text("  " + hint), soft_wrap=True)
+        _print(errors, Text("  " + hint))
     return typer.Exit(code)
 
 
@@ -173,6 +179,16 @@ def listing(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> Table:
         )
     for row in rows:
         table.add_row(*(Text(row[i]) for i in shown))
+    return table
+
+
+def details(fields: Sequence[tuple[str, str]]) -> Table:
+    """One resource as `Label:  value` lines; a long value wraps under itself."""
+    table = Table.grid(padding=(0, GAP // 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for label, value in fields:
+        table.add_row(Text(f"{label}:"), Text(value))
     return table
 
 

@@ -189,7 +189,7 @@ async def _foundry(
             default = None
             with contextlib.suppress(domain.FoundryRestoreError):
                 default = domain.choose(manifests, None)
-            say(f"Foundry DB backups in {store.description}, newest first:")
+            say("Foundry DB backups there, newest first:")
             console.print(listing(BACKUP_COLUMNS, backup_rows(manifests, default)))
             return 0
         manifest = domain.choose(manifests, backup)

@@ -151,8 +151,12 @@ GAP = 2  # spaces between columns
 WRAP_MIN = 20  # narrower than this, free text is unreadable: drop a column instead
 
 
-def listing(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> Table:
-    """The one table style: no borders, bold headers, fitted to the console's width."""
+def listing(
+    columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None = None
+) -> Table:
+    """The one table style: no borders, bold headers, fitted to `width` (default: the
+    console's)."""
+    width = width or console.width
     widths = [
         max([cell_len(column.header), *(cell_len(row[i]) for row in rows)])
         for i, column in enumerate(columns)
@@ -163,7 +167,7 @@ def listing(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> Table:
         return cells + GAP * (len(shown) - 1)
 
     shown = list(range(len(columns)))
-    while needed(shown) > console.width:
+    while needed(shown) > width:
         optional = [i for i in shown if columns[i].priority > 0]
         if not optional:
             break

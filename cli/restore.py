@@ -1,5 +1,5 @@
 """`nest restore`: bring data back from backups. `nest restore foundry` restores the Foundry DB
-on a fresh (or stopped) appliance; the work is in services/backup/foundry_restore.py."""
+on a fresh (or stopped) appliance; the work is in services/backup/restores/foundry.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from datetime import UTC
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -20,9 +19,11 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.text import Text
 
-from libs.common.settings import Settings, SettingsError, load_settings
+from cli.kit import Column, console, error, group, listing, note, say, size
+from cli.kit import settings as load
+from libs.common.settings import Settings
 
 if TYPE_CHECKING:
     from services.backup.stores import crypto
@@ -31,51 +32,40 @@ if TYPE_CHECKING:
 
 SECRET_ENV = "NEST_RESTORE_SECRET_ACCESS_KEY"
 
-app = typer.Typer(help="Restore from backups.", no_args_is_help=True)
 # The backup modules (aioboto3 and friends) are imported by the command itself, so that every
 # other `nest` command starts as fast as before.
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)
+app = group("Restore from backups.")
+
+BACKUP_COLUMNS = (
+    Column("ID"),
+    Column("TIME (UTC)", priority=3),
+    Column("SIZE", priority=2, justify="right"),
+    Column("ENGINE", priority=4),
+    Column("CHECKS", priority=1, wrap=True),
+    Column(""),
+)
 
 
-def _fail(message: str) -> typer.Exit:
-    errors.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(1)
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
-
-
-def backups_table(manifests: list[Manifest], chosen: Manifest | None) -> Table:
+def backup_rows(manifests: list[Manifest], chosen: Manifest | None) -> list[list[str]]:
+    """Newest first; the one a restore without --backup takes is marked."""
     from services.backup.restores import foundry as domain
 
-    table = Table(title="Foundry DB backups")
-    for column in ("ID", "TIME (UTC)", "SIZE", "ENGINE", "ENCRYPTED", "VERIFIED", ""):
-        table.add_column(column, no_wrap=column in ("ID", "TIME (UTC)", "SIZE"))
+    rows = []
     for manifest in reversed(manifests):
-        table.add_row(
-            domain.backup_id(manifest),
-            manifest.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            _size(manifest.stored_size),
-            manifest.kind,
-            f"yes ({manifest.encryption.key_id})" if manifest.encryption else "no",
-            "yes" if manifest.verified_at else "no",
-            "← default" if chosen is manifest else "",
+        checks = ["verified"] if manifest.verified_at else ["not verified"]
+        if manifest.encryption:
+            checks.append(f"encrypted ({manifest.encryption.key_id})")
+        rows.append(
+            [
+                domain.backup_id(manifest),
+                manifest.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                size(manifest.stored_size),
+                manifest.kind,
+                ", ".join(checks),
+                "← default" if chosen is manifest else "",
+            ]
         )
-    return table
+    return rows
 
 
 def _secret(location: str) -> str:
@@ -87,7 +77,7 @@ def _secret(location: str) -> str:
     if secret:
         return secret
     if not sys.stdin.isatty():
-        raise _fail(f"the S3 secret access key: set {SECRET_ENV} (no terminal to prompt on)")
+        raise error(f"the S3 secret access key: set {SECRET_ENV} (no terminal to prompt on)")
     value: str = typer.prompt("S3 secret access key", hide_input=True)
     return value
 
@@ -97,13 +87,19 @@ def foundry(
     location: Annotated[
         str,
         typer.Option(
-            "--location", help="Where the backups are: an absolute directory or s3://bucket/prefix."
+            "--location",
+            metavar="DIR|S3-URL",
+            help="Where the backups are: an absolute directory (the local store of `nest up` "
+            "is ~/.nest/backups, or backups/ in NEST_DATA_DIR) or s3://bucket/prefix.",
         ),
     ],
     endpoint_url: Annotated[
-        str | None, typer.Option("--endpoint-url", help="S3 endpoint (default: AWS).")
+        str | None,
+        typer.Option("--endpoint-url", metavar="URL", help="S3 endpoint (default: AWS)."),
     ] = None,
-    region: Annotated[str, typer.Option("--region", help="S3 signing region.")] = "us-east-1",
+    region: Annotated[
+        str, typer.Option("--region", metavar="REGION", help="S3 signing region.")
+    ] = "us-east-1",
     path_style: Annotated[
         bool,
         typer.Option("--path-style/--no-path-style", help="Address the bucket in the path."),
@@ -111,12 +107,16 @@ def foundry(
     access_key_id: Annotated[
         str | None,
         typer.Option(
-            "--access-key-id", help=f"S3 access key id; the secret comes from {SECRET_ENV}."
+            "--access-key-id",
+            metavar="KEY-ID",
+            help=f"S3 access key id; the secret comes from {SECRET_ENV}.",
         ),
     ] = None,
     backup: Annotated[
         str | None,
-        typer.Option("--backup", help="The backup's id (default: the newest verified one)."),
+        typer.Option(
+            "--backup", metavar="ID", help="The backup's id (default: the newest verified one)."
+        ),
     ] = None,
     list_only: Annotated[
         bool, typer.Option("--list", help="List the Foundry backups there and stop.")
@@ -126,17 +126,19 @@ def foundry(
         typer.Option("--force", help="Replace a database that already holds clusters or tokens."),
     ] = False,
 ) -> None:
-    """Restore the Foundry DB from a backup (for a lost appliance), then start with `nest up`.
+    """Restore the Foundry DB from a backup, with Nest stopped.
+
+    For a lost appliance: restore, then start Nest with `nest up`.
 
     The backup is downloaded and checked (sha256 of the stored bytes and of the plaintext,
     decryption with NEST_BACKUP_ENCRYPTION_KEYS) before the database named by the settings
     (NEST_DATABASE_URL, or SQLite in NEST_DATA_DIR) is replaced. Nest must be stopped. Keep the
     same NEST_SECRETS_KEY (or secrets.key file), or stored S3 secrets become unreadable.
     """
-    from services.backup.config import BackupConfigError, keyring_from_settings
     from services.backup.restores import foundry as domain
+    from services.backup.config import BackupConfigError, keyring_from_settings
 
-    settings = _settings()
+    settings = load()
     s3 = None
     if domain.is_s3(location):
         s3 = domain.S3Access(
@@ -150,17 +152,17 @@ def foundry(
     try:
         keyring = keyring_from_settings(settings)
     except BackupConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise error(str(exc)) from None
     try:
         store = domain.open_location(location, s3)
     except domain.FoundryRestoreError as exc:
-        raise _fail(str(exc)) from None
+        raise error(str(exc)) from None
     try:
         code = asyncio.run(_foundry(settings, store, keyring, backup, list_only, force))
     except KeyboardInterrupt:
         # The database is only replaced at the very end, atomically (SQLite: a rename;
         # PostgreSQL: one transaction): it is either the old one or the restored one.
-        raise _fail(
+        raise error(
             "interrupted: the database was replaced completely or not at all; run the "
             "restore again to be sure"
         ) from None
@@ -182,12 +184,13 @@ async def _foundry(
         manifests = await domain.foundry_backups(store)
         if list_only:
             if not manifests:
-                console.print(f"No complete Foundry backups in {store.description}.")
+                say(f"No complete Foundry backups in {store.description}.")
                 return 0
             default = None
             with contextlib.suppress(domain.FoundryRestoreError):
                 default = domain.choose(manifests, None)
-            console.print(backups_table(manifests, default))
+            say("Foundry DB backups there, newest first:")
+            console.print(listing(BACKUP_COLUMNS, backup_rows(manifests, default)))
             return 0
         manifest = domain.choose(manifests, backup)
         database_url = settings.resolved_database_url
@@ -199,10 +202,10 @@ async def _foundry(
             api_url=settings.api_url,
             force=force,
         )
-        console.print(
-            f"Restoring Foundry backup [bold]{domain.backup_id(manifest)}[/bold] "
-            f"({manifest.kind}, {_size(manifest.plaintext_size)}) from {store.description}",
-            highlight=False,
+        say(
+            "Restoring Foundry backup ",
+            (domain.backup_id(manifest), "bold"),
+            f" ({manifest.kind}, {size(manifest.plaintext_size)}) from {store.description}",
         )
         with Progress(
             TextColumn("{task.description}"),
@@ -226,16 +229,16 @@ async def _foundry(
             )
             progress.update(task, description="restored")
     except domain.FoundryRestoreError as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        error(str(exc))
         return 1
     finally:
         await store.close()
-    if note := await _record_restored(database_url, manifest):
-        errors.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    console.print(
-        f"[green]Foundry DB restored[/green] from {domain.backup_id(manifest)} into "
-        f"{_where(database_url)}. Start Nest with `nest up`.",
-        highlight=False,
+    if remark := await _record_restored(database_url, manifest):
+        note(("note:", "yellow"), " ", Text(remark))
+    say(
+        ("Foundry DB restored", "green"),
+        f" from {domain.backup_id(manifest)} into {_where(database_url)}. "
+        "Start Nest with `nest up`.",
     )
     return 0
 

@@ -158,7 +158,7 @@ async def test_lost_appliance_comes_back_from_its_foundry_backup(
     listed = restore_cli(cli_env, "--location", str(backups), "--list")
     assert listed.returncode == 0, listed.stderr
     assert backup["id"] in listed.stdout and "← default" in listed.stdout
-    assert ("yes (e2e-1)" in listed.stdout) is encrypted
+    assert ("encrypted (e2e-1)" in listed.stdout) is encrypted
 
     restored = restore_cli(cli_env, "--location", str(backups))
     assert restored.returncode == 0, restored.stdout + restored.stderr

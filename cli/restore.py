@@ -135,8 +135,8 @@ def foundry(
     (NEST_DATABASE_URL, or SQLite in NEST_DATA_DIR) is replaced. Nest must be stopped. Keep the
     same NEST_SECRETS_KEY (or secrets.key file), or stored S3 secrets become unreadable.
     """
-    from services.backup.restores import foundry as domain
     from services.backup.config import BackupConfigError, keyring_from_settings
+    from services.backup.restores import foundry as domain
 
     settings = load()
     s3 = None
